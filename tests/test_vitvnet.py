@@ -1,0 +1,143 @@
+"""ViT-V-Net: exact published architecture, small forward/backward, official key loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vitreg.errors import VitregError
+from vitreg.nets.vitvnet import VitVNet, VitVNetConfig, load_state_dict
+from vitreg.transform import warp
+
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "official-state-dict.tsv"
+
+SMALL = VitVNetConfig(
+    img_size=(32, 32, 64),
+    hidden_size=24,
+    num_layers=2,
+    num_heads=4,
+    mlp_dim=48,
+    conv_first_channel=32,
+)
+
+
+def official_entries() -> dict[str, tuple[int, ...]]:
+    """Key -> shape from the official state dict listing (authors' code at 160x192x224)."""
+    entries = {}
+    for line in OFFICIAL_KEYS.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, _dtype = line.split("\t")
+        entries[key] = tuple(int(n) for n in shape.strip("()").split(",") if n.strip())
+    return entries
+
+
+def test_published_model_has_exact_parameter_count_and_official_keys():
+    model = VitVNet()
+    assert sum(p.numel() for p in model.parameters()) == 31_560_079
+    assert all(p.requires_grad for p in model.parameters())
+    official = official_entries()
+    assert len(official) == 278
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    official.pop("spatial_trans.grid")
+    assert ours == official
+    # Same order as the authors' state dict too.
+    assert list(ours) == list(official)
+
+
+def test_initial_flow_is_near_identity_and_warps_moving():
+    torch.manual_seed(0)
+    model = VitVNet(SMALL).eval()
+    moving, fixed = torch.rand(1, 1, *SMALL.img_size), torch.rand(1, 1, *SMALL.img_size)
+    with torch.no_grad():
+        warped, flow = model.register(moving, fixed)
+    assert flow.shape == (1, 3, *SMALL.img_size)
+    assert 0 < flow.abs().max() < 1e-3
+    torch.testing.assert_close(warped, moving, atol=1e-3, rtol=0)
+
+
+def test_forward_backward_on_reduced_config_moves_the_head():
+    torch.manual_seed(0)
+    model = VitVNet(SMALL).train()
+    moving_fixed = torch.rand(2, 2, *SMALL.img_size)
+    flow = model(moving_fixed)
+    loss = (warp(moving_fixed[:, :1], flow) - moving_fixed[:, 1:]).pow(2).mean()
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    assert grads["reg_head.0.weight"].abs().sum() > 0
+    assert grads["transformer.embeddings.position_embeddings"].abs().sum() > 0
+
+
+def test_full_width_model_runs_at_64_cubed():
+    torch.manual_seed(0)
+    model = VitVNet(VitVNetConfig(img_size=(64, 64, 64))).eval()
+    with torch.inference_mode():
+        flow = model(torch.rand(1, 2, 64, 64, 64))
+    assert flow.shape == (1, 3, 64, 64, 64)
+    assert torch.isfinite(flow).all()
+
+
+def test_state_dict_saves_and_reloads_under_official_names(tmp_path):
+    torch.manual_seed(0)
+    model = VitVNet(SMALL).eval()
+    path = tmp_path / "weights.safetensors"
+    save_file(model.state_dict(), str(path))
+    restored = VitVNet(SMALL).eval()
+    load_state_dict(restored, load_file(str(path)))
+    inputs = torch.rand(1, 2, *SMALL.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(inputs), model(inputs))
+    assert "decoder.blocks.4.conv2.1.running_var" in load_file(str(path))
+
+
+def test_authors_grid_buffer_is_ignored_and_bad_keys_are_named():
+    model = VitVNet(SMALL)
+    state = dict(model.state_dict())
+    state["spatial_trans.grid"] = torch.zeros(1, 3, *SMALL.img_size)
+    load_state_dict(VitVNet(SMALL), state)
+
+    missing = {k: v for k, v in state.items() if k != "reg_head.0.bias"}
+    with pytest.raises(VitregError, match="reg_head.0.bias"):
+        load_state_dict(VitVNet(SMALL), missing)
+    misshaped = dict(state, **{"reg_head.0.weight": torch.zeros(3, 16, 3, 3, 1)})
+    with pytest.raises(VitregError, match=r"reg_head\.0\.weight.*\(3, 16, 3, 3, 1\)"):
+        load_state_dict(VitVNet(SMALL), misshaped)
+
+
+def test_position_embeddings_from_another_size_are_resized_with_a_warning():
+    trained = VitVNet(SMALL)
+    with torch.no_grad():
+        trained.transformer.embeddings.position_embeddings.normal_()
+    bigger = VitVNetConfig(**{**SMALL.__dict__, "img_size": (64, 64, 64)})
+    model = VitVNet(bigger)
+    with pytest.warns(UserWarning, match="resizing"):
+        load_state_dict(model, trained.state_dict(), trained_img_size=SMALL.img_size)
+    embeddings = model.transformer.embeddings.position_embeddings
+    assert embeddings.shape == (1, 8, SMALL.hidden_size)
+    # Tokens (0,0,0) and (0,0,1) of the 1x1x2 grid map onto the two halves of the 2x2x2 grid.
+    old = trained.transformer.embeddings.position_embeddings[0]
+    torch.testing.assert_close(embeddings[0, 0], old[0])
+    torch.testing.assert_close(embeddings[0, 7], old[1])
+
+
+def test_size_not_divisible_by_32_names_the_nearest_valid_size():
+    with pytest.raises(VitregError, match=r"\(160, 190, 224\).*nearest valid size is \(160, 192, 224\)"):
+        VitVNetConfig(img_size=(160, 190, 224))
+
+
+def test_wrong_input_channels_or_size_say_what_was_expected():
+    model = VitVNet(SMALL)
+    with pytest.raises(VitregError, match=r"\(B, 2, D, H, W\)"):
+        model(torch.zeros(1, 3, *SMALL.img_size))
+    with pytest.raises(VitregError, match="built for size"):
+        model(torch.zeros(1, 2, 64, 64, 64))
+
+
+def test_config_round_trips_through_a_dict():
+    assert VitVNetConfig.from_dict(SMALL.to_dict()) == SMALL
+    with pytest.raises(VitregError, match="unknown"):
+        VitVNetConfig.from_dict({"bogus": 1})

@@ -1,0 +1,7 @@
+"""vitreg: ViT-V-Net deformable registration of 3D brain MRI."""
+
+from vitreg.errors import VitregError
+
+__version__ = "0.1.0"
+
+__all__ = ["VitregError", "__version__"]

@@ -1,0 +1,135 @@
+"""Displacement fields on a world grid: ITK/voxel flow files and warping native images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitreg.errors import VitregError
+from vitreg.frame import grid_coordinates
+from vitreg.image import Volume, load_raw, save
+from vitreg.transform import flow_mm_to_vox, flow_vox_to_mm, ras_to_lps, sample
+
+FLOW_FORMATS = ("itk", "voxel")
+
+
+@dataclass(frozen=True)
+class DisplacementField:
+    """A pull displacement on a grid: world point x maps to x + disp(x).
+
+    ``disp_mm`` is (1, 3, X, Y, Z), RAS+ mm, on ``grid`` (whose affine, shape and header the
+    field carries; its ``data`` is unused).
+    """
+
+    disp_mm: torch.Tensor
+    grid: Volume
+
+    def to_voxels(self) -> torch.Tensor:
+        """Displacement in voxels of the grid, (1, 3, X, Y, Z), channel i along array axis i."""
+        return flow_mm_to_vox(self.disp_mm, self.grid.affine)
+
+
+def save_flow(path: str | Path, field: DisplacementField, flow_format: str = "itk") -> Path:
+    """Write the field atomically on its grid.
+
+    'itk': ITK/ANTs displacement field, 5D (X, Y, Z, 1, 3), vector intent, mm in LPS,
+    fixed-to-moving (what antsApplyTransforms and SimpleITK's DisplacementFieldTransform read).
+    'voxel': (X, Y, Z, 3) displacements in voxels of the grid, channel i along array axis i.
+    """
+    if flow_format == "itk":
+        disp_lps = ras_to_lps(field.disp_mm)[0].permute(1, 2, 3, 0).unsqueeze(3)
+        data = disp_lps.detach().cpu().numpy().astype(np.float32)
+        return save(path, data, field.grid, intent="vector")
+    if flow_format == "voxel":
+        data = field.to_voxels()[0].permute(1, 2, 3, 0).detach().cpu().numpy()
+        return save(path, data.astype(np.float32), field.grid, intent="vector")
+    raise VitregError(f"unknown flow format {flow_format!r}; use one of {', '.join(FLOW_FORMATS)}")
+
+
+def load_flow(path: str | Path) -> DisplacementField:
+    """Read a flow written by :func:`save_flow` (ITK 5D or voxel 4D), or by ANTs/SimpleITK."""
+    path = Path(path)
+    data, affine, header = load_raw(path)
+    if data.ndim == 5 and data.shape[3] == 1 and data.shape[4] == 3:
+        disp_lps = torch.from_numpy(np.ascontiguousarray(data[:, :, :, 0, :]))
+        disp_mm = ras_to_lps(disp_lps.permute(3, 0, 1, 2).unsqueeze(0))
+    elif data.ndim == 4 and data.shape[3] == 3:
+        flow_vox = torch.from_numpy(np.ascontiguousarray(data)).permute(3, 0, 1, 2).unsqueeze(0)
+        disp_mm = flow_vox_to_mm(flow_vox, affine)
+    else:
+        raise VitregError(
+            f"{path}: shape {data.shape} is not a displacement field; expected ITK (X, Y, Z, 1, 3) "
+            "or voxel (X, Y, Z, 3)"
+        )
+    if not torch.isfinite(disp_mm).all():
+        raise VitregError(f"{path}: the displacement field has NaN or Inf values")
+    grid = Volume(
+        data=np.zeros(data.shape[:3], dtype=np.uint8), affine=affine, header=header, path=path
+    )
+    return DisplacementField(disp_mm=disp_mm.float(), grid=grid)
+
+
+def check_same_grid(a: Volume, b: Volume) -> None:
+    """Raise VitregError unless ``a`` and ``b`` have the same shape and affine (1e-3 mm)."""
+    if a.shape != b.shape:
+        raise VitregError(f"{b.path}: grid {b.shape} differs from {a.path}'s grid {a.shape}")
+    if not np.allclose(a.affine, b.affine, atol=1e-3):
+        raise VitregError(f"{b.path}: its affine differs from {a.path}'s (not the same grid)")
+
+
+def source_coordinates(
+    field: DisplacementField, source: Volume, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Voxel coordinates in ``source`` of x + disp(x) for every field voxel: (1, 3, X, Y, Z)."""
+    disp_in_source = flow_mm_to_vox(field.disp_mm.to(device), source.affine)
+    return grid_coordinates(source.affine, field.grid.affine, field.grid.shape).to(device) + (
+        disp_in_source
+    )
+
+
+def warp_image(
+    image: Volume, field: DisplacementField, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Trilinear pull-warp of a native image onto the field's grid: (X, Y, Z) float32."""
+    coords = source_coordinates(field, image, device)
+    source = torch.as_tensor(image.data, dtype=torch.float32, device=device)[None, None]
+    return sample(source, coords)[0, 0].cpu().numpy()
+
+
+def warp_labels_nearest(
+    labels: Volume, field: DisplacementField, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Nearest-neighbour pull-warp of a label map onto the field's grid; keeps label values."""
+    coords = torch.round(source_coordinates(field, labels, device)).long()
+    inside = torch.ones(coords.shape[2:], dtype=torch.bool, device=device)
+    for axis, size in enumerate(labels.shape):
+        inside &= (coords[0, axis] >= 0) & (coords[0, axis] < size)
+        coords[0, axis].clamp_(0, size - 1)
+    source = torch.as_tensor(labels.data, device=device)
+    values = source[coords[0, 0], coords[0, 1], coords[0, 2]]
+    return torch.where(inside, values, torch.zeros_like(values)).cpu().numpy()
+
+
+def warp_labels_linear(
+    labels: Volume, field: DisplacementField, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """One-hot trilinear warp then argmax, streamed one label at a time (memory of 3 volumes).
+
+    Background (0) competes like any label, and the part of a sample that falls outside the
+    source counts as background; ties go to the background.
+    """
+    coords = source_coordinates(field, labels, device)
+    source = torch.as_tensor(labels.data, device=device)
+    # Background weight: the share of the sample outside the source, plus label 0's share.
+    best = 1.0 - sample(torch.ones((1, 1, *labels.shape), device=device), coords)[0, 0]
+    result = torch.zeros(field.grid.shape, dtype=source.dtype, device=device)
+    best = best + sample((source == 0).float()[None, None], coords)[0, 0]
+    for value in torch.unique(source[source != 0]).tolist():
+        weight = sample((source == value).float()[None, None], coords)[0, 0]
+        better = weight > best
+        best = torch.where(better, weight, best)
+        result = torch.where(better, torch.as_tensor(value, dtype=source.dtype), result)
+    return result.cpu().numpy()

@@ -1,0 +1,178 @@
+"""NIfTI/MGZ in and out with nibabel: checked loading, header-preserving atomic saving."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from vitreg.errors import VitregError
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D array on a world grid.
+
+    ``data`` is (X, Y, Z) in the file's array order; ``affine`` maps voxel indices to world
+    RAS+ mm (nibabel's convention); ``header`` is the file's header, kept so outputs can
+    copy it; ``path`` names the file in error messages.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.spatialimages.SpatialHeader | None
+    path: Path
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.data.shape[:3])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the array axes (column norms of the affine)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def _open(path: Path) -> nib.spatialimages.SpatialImage:
+    if not path.exists():
+        raise VitregError(f"{path}: no such file")
+    if path.is_dir():
+        raise VitregError(f"{path}: is a directory, not an image")
+    try:
+        return nib.load(str(path))
+    except Exception as error:  # nibabel raises many types for unreadable files
+        raise VitregError(f"{path}: not a readable NIfTI/MGZ image ({error})") from None
+
+
+def _squeeze_to_3d(path: Path, array: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) or (X, Y, Z, 1...) -> (X, Y, Z); anything else is a user error."""
+    if array.ndim < 3:
+        raise VitregError(f"{path}: a {array.ndim}D image; vitreg needs a 3D volume")
+    extra = array.shape[3:]
+    if any(n != 1 for n in extra):
+        raise VitregError(
+            f"{path}: a {array.ndim}D image of shape {array.shape}; vitreg needs a 3D volume "
+            "(or 4D with a single volume)"
+        )
+    return array.reshape(array.shape[:3])
+
+
+def load_image(path: str | Path) -> Volume:
+    """Read an intensity image as float32 (X, Y, Z) with scaling slopes applied.
+
+    Rejects missing or unreadable files, 2D or multi-volume images, NaN/Inf voxels and
+    constant images, each with a message naming the file.
+    """
+    path = Path(path)
+    image = _open(path)
+    data = _squeeze_to_3d(path, np.asarray(image.get_fdata(dtype=np.float32)))
+    if min(data.shape) < 2:
+        raise VitregError(f"{path}: shape {data.shape} is not a 3D volume (an axis of size 1)")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise VitregError(f"{path}: {int((~finite).sum())} voxels are NaN or Inf")
+    if float(data.max()) == float(data.min()):
+        raise VitregError(f"{path}: the image is constant (every voxel is {float(data.min())})")
+    return Volume(data=data, affine=image.affine.astype(np.float64), header=image.header, path=path)
+
+
+def load_labels(path: str | Path) -> Volume:
+    """Read an integer label map (X, Y, Z) as int64; non-integer values are a user error."""
+    path = Path(path)
+    image = _open(path)
+    raw = _squeeze_to_3d(path, np.asanyarray(image.dataobj))
+    if np.issubdtype(raw.dtype, np.integer):
+        data = raw.astype(np.int64)
+    else:
+        if not np.isfinite(raw).all():
+            raise VitregError(f"{path}: label map has NaN or Inf voxels")
+        data = np.rint(raw).astype(np.int64)
+        if not np.allclose(raw, data, atol=1e-3):
+            raise VitregError(f"{path}: label map holds non-integer values (is it an image?)")
+    return Volume(data=data, affine=image.affine.astype(np.float64), header=image.header, path=path)
+
+
+def load_raw(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.spatialimages.SpatialHeader]:
+    """Read any image's array (float32, scaling applied, no shape checks), affine and header."""
+    path = Path(path)
+    image = _open(path)
+    return (
+        np.asarray(image.get_fdata(dtype=np.float32)),
+        image.affine.astype(np.float64),
+        image.header,
+    )
+
+
+def check_writable(path: str | Path) -> Path:
+    """Raise VitregError unless ``path`` can be created (checked before long work starts)."""
+    path = Path(path)
+    if not path.name.endswith(IMAGE_SUFFIXES):
+        raise VitregError(f"{path}: output must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise VitregError(f"{path}: output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise VitregError(f"{path}: output directory {directory} is not writable")
+    if path.is_dir():
+        raise VitregError(f"{path}: is a directory")
+    return path
+
+
+def _nifti_header_from(reference: Volume | None) -> nib.Nifti1Header | None:
+    if reference is not None and isinstance(reference.header, nib.Nifti1Header):
+        header = reference.header.copy()
+        header.set_slope_inter(None, None)
+        return header
+    return None
+
+
+def save(
+    path: str | Path,
+    data: np.ndarray,
+    reference: Volume,
+    intent: str | None = None,
+) -> Path:
+    """Write ``data`` (X, Y, Z[, ...]) on ``reference``'s grid, atomically.
+
+    The header is the reference's (affine, qform/sform and their codes, units) with the data
+    type of ``data``; the file is written beside the target and renamed into place, so a
+    failure never leaves a half-written output. ``.mgz``/``.mgh`` write FreeSurfer MGH.
+    """
+    path = check_writable(path)
+    if data.shape[:3] != reference.shape:
+        raise ValueError(f"data shape {data.shape} does not match grid {reference.shape}")
+    if path.name.endswith((".mgz", ".mgh")):
+        image = nib.MGHImage(data, reference.affine)
+    else:
+        header = _nifti_header_from(reference)
+        image = nib.Nifti1Image(data, reference.affine, header=header)
+        if header is not None:
+            # Keep the reference's qform/sform codes (and the matrices they carry).
+            image.set_qform(reference.header.get_qform(), int(reference.header["qform_code"]))
+            image.set_sform(reference.header.get_sform(), int(reference.header["sform_code"]))
+        else:
+            image.set_qform(reference.affine, 1)
+            image.set_sform(reference.affine, 1)
+        image.header.set_data_dtype(data.dtype)
+        if header is not None:
+            image.header.set_xyzt_units(*reference.header.get_xyzt_units())
+        else:
+            image.header.set_xyzt_units("mm", "sec")
+        if intent is not None:
+            image.header.set_intent(intent)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        nib.save(image, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,165 @@
+"""Dense displacement fields: pull-warping, integration, composition, resizing, voxel <-> mm.
+
+Conventions (the official ViT-V-Net / VoxelMorph ones):
+- ``flow_vox`` is (B, 3, D, H, W): displacement in voxels, channel i along array axis i
+  (tensor axis i + 2).
+- Warping pulls: ``warped(p) = moving(p + u(p))`` with ``u`` defined on the fixed grid.
+- Voxel centres are sample points and the corner voxels map to -1 and +1 of grid_sample
+  (``align_corners=True``); points outside the volume read zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitreg.errors import VitregError
+
+
+def _check_volume(name: str, tensor: torch.Tensor, channels: int | None = None) -> None:
+    """Raise VitregError unless ``tensor`` is (B, C, D, H, W) with ``channels`` channels."""
+    if tensor.dim() != 5:
+        raise VitregError(
+            f"{name}: expected a 5-D tensor (B, C, D, H, W), got shape {tuple(tensor.shape)}"
+        )
+    if channels is not None and tensor.shape[1] != channels:
+        raise VitregError(
+            f"{name}: expected {channels} channel(s) in (B, C, D, H, W), "
+            f"got shape {tuple(tensor.shape)}"
+        )
+
+
+def identity_grid(
+    shape: Sequence[int], device: torch.device | str | None = None, dtype=torch.float32
+) -> torch.Tensor:
+    """Voxel coordinates of every voxel: (1, 3, D, H, W), channel i = index along axis i."""
+    axes = [torch.arange(int(n), device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
+
+
+def _normalised_locations(coords_vox: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(B, 3, d, h, w) voxel coordinates -> (B, d, h, w, 3) grid_sample locations (x = W first)."""
+    scale = torch.tensor(
+        [2.0 / max(int(n) - 1, 1) for n in shape], device=coords_vox.device, dtype=coords_vox.dtype
+    ).view(1, 3, 1, 1, 1)
+    locations = coords_vox * scale - 1.0
+    # grid_sample wants the last array axis first.
+    return locations.permute(0, 2, 3, 4, 1).flip(-1)
+
+
+def sample(
+    image: torch.Tensor, coords_vox: torch.Tensor, mode: str = "bilinear", padding: str = "zeros"
+) -> torch.Tensor:
+    """Read ``image`` (B, C, D, H, W) at ``coords_vox`` (B, 3, d, h, w) voxel coordinates.
+
+    ``mode`` is 'bilinear' (trilinear) or 'nearest'; ``padding`` is a grid_sample padding mode.
+    Returns (B, C, d, h, w).
+    """
+    _check_volume("image", image)
+    _check_volume("coordinates", coords_vox, channels=3)
+    locations = _normalised_locations(coords_vox.to(image.dtype), image.shape[2:])
+    if locations.shape[0] != image.shape[0]:
+        locations = locations.expand(image.shape[0], *locations.shape[1:])
+    return F.grid_sample(image, locations, mode=mode, padding_mode=padding, align_corners=True)
+
+
+def warp(
+    image: torch.Tensor, flow_vox: torch.Tensor, mode: str = "bilinear", padding: str = "zeros"
+) -> torch.Tensor:
+    """Pull-warp ``image`` (B, C, D, H, W) with ``flow_vox`` (B, 3, D, H, W) voxels.
+
+    Returns ``image(p + u(p))`` on the flow's grid, (B, C, D, H, W).
+    """
+    _check_volume("flow", flow_vox, channels=3)
+    grid = identity_grid(flow_vox.shape[2:], flow_vox.device, flow_vox.dtype)
+    return sample(image, grid + flow_vox, mode=mode, padding=padding)
+
+
+def warp_labels(labels: torch.Tensor, flow_vox: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour pull-warp of an integer label map (B, 1, D, H, W); keeps the dtype.
+
+    Coordinates are rounded (half to even, as grid_sample's nearest) and read exactly, so label
+    values of any size survive; points outside the volume get label 0.
+    """
+    _check_volume("labels", labels)
+    _check_volume("flow", flow_vox, channels=3)
+    shape = labels.shape[2:]
+    grid = identity_grid(flow_vox.shape[2:], flow_vox.device, flow_vox.dtype)
+    index = torch.round(grid + flow_vox).long()  # (B, 3, d, h, w)
+    inside = torch.ones_like(index[:, 0], dtype=torch.bool)
+    for axis, size in enumerate(shape):
+        inside &= (index[:, axis] >= 0) & (index[:, axis] < size)
+        index[:, axis].clamp_(0, size - 1)
+    flat = (index[:, 0] * shape[1] + index[:, 1]) * shape[2] + index[:, 2]  # (B, d, h, w)
+    batch, channels = labels.shape[:2]
+    source = labels.reshape(batch, channels, -1)
+    gathered = torch.gather(source, 2, flat.reshape(batch, 1, -1).expand(batch, channels, -1))
+    warped = gathered.reshape(batch, channels, *flow_vox.shape[2:])
+    return torch.where(inside.unsqueeze(1), warped, torch.zeros_like(warped))
+
+
+def compose(outer_vox: torch.Tensor, inner_vox: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``x -> phi_outer(phi_inner(x))`` (B, 3, D, H, W) voxels.
+
+    ``u(x) = u_inner(x) + u_outer(x + u_inner(x))``: warping an image with the result equals
+    warping it with ``outer_vox`` and then warping that with ``inner_vox``.
+    """
+    return inner_vox + warp(outer_vox, inner_vox, mode="bilinear", padding="border")
+
+
+def integrate_velocity(velocity_vox: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring of a stationary velocity field (B, 3, D, H, W) voxels.
+
+    ``v / 2**steps`` is composed with itself ``steps`` times (zero padding, as VoxelMorph's
+    VecInt). Returns the displacement (B, 3, D, H, W) in voxels.
+    """
+    _check_volume("velocity", velocity_vox, channels=3)
+    if steps < 0:
+        raise VitregError(f"integration steps must be >= 0, got {steps}")
+    flow = velocity_vox / (2**steps)
+    for _ in range(steps):
+        flow = flow + warp(flow, flow)
+    return flow
+
+
+def resize_flow(flow_vox: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample ``flow_vox`` (B, 3, D, H, W) onto a grid of ``shape`` spanning the same extent.
+
+    Trilinear with corner voxels aligned (align_corners=True); displacements are scaled per axis
+    by (new - 1) / (old - 1) so they stay in voxels of the new grid.
+    """
+    _check_volume("flow", flow_vox, channels=3)
+    shape = tuple(int(n) for n in shape)
+    old = flow_vox.shape[2:]
+    resized = F.interpolate(flow_vox, size=shape, mode="trilinear", align_corners=True)
+    factors = [(new - 1) / max(before - 1, 1) for new, before in zip(shape, old, strict=True)]
+    scale = torch.tensor(factors, device=flow_vox.device, dtype=flow_vox.dtype)
+    return resized * scale.view(1, 3, 1, 1, 1)
+
+
+def flow_vox_to_mm(flow_vox: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    """Voxel displacements (B, 3, D, H, W) -> world displacements (B, 3, D, H, W) in mm.
+
+    ``affine`` is the grid's 4x4 voxel-to-world matrix (nibabel: RAS+ mm), so the result is in
+    the affine's world axes (RAS for NIfTI); only its 3x3 linear part matters.
+    """
+    _check_volume("flow", flow_vox, channels=3)
+    linear = torch.as_tensor(np.asarray(affine)[:3, :3], dtype=flow_vox.dtype)
+    return torch.einsum("ij,bj...->bi...", linear.to(flow_vox.device), flow_vox)
+
+
+def flow_mm_to_vox(flow_mm: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    """World displacements (B, 3, D, H, W) in mm -> voxel displacements for ``affine``'s grid."""
+    _check_volume("flow", flow_mm, channels=3)
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
+    linear = torch.as_tensor(inverse, dtype=flow_mm.dtype)
+    return torch.einsum("ij,bj...->bi...", linear.to(flow_mm.device), flow_mm)
+
+
+def ras_to_lps(disp_ras: torch.Tensor) -> torch.Tensor:
+    """Flip the first two components of (B, 3, ...) vectors: RAS mm <-> LPS mm (ITK, ANTs)."""
+    sign = torch.tensor([-1.0, -1.0, 1.0], dtype=disp_ras.dtype, device=disp_ras.device)
+    return disp_ras * sign.view(1, 3, *([1] * (disp_ras.dim() - 2)))

@@ -125,7 +125,9 @@ def test_position_embeddings_from_another_size_are_resized_with_a_warning():
 
 
 def test_size_not_divisible_by_32_names_the_nearest_valid_size():
-    with pytest.raises(VitregError, match=r"\(160, 190, 224\).*nearest valid size is \(160, 192, 224\)"):
+    with pytest.raises(
+        VitregError, match=r"\(160, 190, 224\).*nearest valid size is \(160, 192, 224\)"
+    ):
         VitVNetConfig(img_size=(160, 190, 224))
 
 

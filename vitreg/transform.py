@@ -125,17 +125,23 @@ def integrate_velocity(velocity_vox: torch.Tensor, steps: int = 7) -> torch.Tens
     return flow
 
 
-def resize_flow(flow_vox: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def resize_flow(
+    flow_vox: torch.Tensor, shape: Sequence[int], align_corners: bool = True
+) -> torch.Tensor:
     """Resample ``flow_vox`` (B, 3, D, H, W) onto a grid of ``shape`` spanning the same extent.
 
-    Trilinear with corner voxels aligned (align_corners=True); displacements are scaled per axis
-    by (new - 1) / (old - 1) so they stay in voxels of the new grid.
+    Trilinear. With ``align_corners`` the corner voxel centres coincide and displacements are
+    scaled per axis by (new - 1) / (old - 1); without, the voxel edges coincide (the geometry
+    of average pooling) and the scale is new / old. Displacements stay in voxels of the grid.
     """
     _check_volume("flow", flow_vox, channels=3)
     shape = tuple(int(n) for n in shape)
     old = flow_vox.shape[2:]
-    resized = F.interpolate(flow_vox, size=shape, mode="trilinear", align_corners=True)
-    factors = [(new - 1) / max(before - 1, 1) for new, before in zip(shape, old, strict=True)]
+    resized = F.interpolate(flow_vox, size=shape, mode="trilinear", align_corners=align_corners)
+    if align_corners:
+        factors = [(new - 1) / max(before - 1, 1) for new, before in zip(shape, old, strict=True)]
+    else:
+        factors = [new / before for new, before in zip(shape, old, strict=True)]
     scale = torch.tensor(factors, device=flow_vox.device, dtype=flow_vox.dtype)
     return resized * scale.view(1, 3, 1, 1, 1)
 

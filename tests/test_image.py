@@ -1,0 +1,89 @@
+"""NIfTI/MGZ loading checks and header-preserving atomic saving."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from vitreg.errors import VitregError
+from vitreg.image import load_image, load_labels, save
+
+AFFINE = np.array([[-1.0, 0, 0, 90], [0, 1.2, 0, -120], [0, 0, 0.9, -70], [0, 0, 0, 1]])
+
+
+def nifti(path, data, affine=AFFINE, qform_code=1, sform_code=2):
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, qform_code)
+    image.set_sform(affine, sform_code)
+    nib.save(image, str(path))
+    return path
+
+
+def test_scaling_slopes_integer_dtypes_and_single_volume_4d_are_read(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6, 1)
+    image = nib.Nifti1Image(data, AFFINE)
+    image.header.set_slope_inter(2.0, 10.0)
+    nib.save(image, str(tmp_path / "scaled.nii.gz"))
+    volume = load_image(tmp_path / "scaled.nii.gz")
+    assert volume.shape == (4, 5, 6) and volume.data.dtype == np.float32
+    np.testing.assert_allclose(volume.data, data[..., 0] * 2.0 + 10.0)
+    np.testing.assert_allclose(volume.spacing, (1.0, 1.2, 0.9))
+
+
+def test_mgz_is_read(tmp_path):
+    data = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
+    nib.save(nib.MGHImage(data, AFFINE), str(tmp_path / "brain.mgz"))
+    volume = load_image(tmp_path / "brain.mgz")
+    np.testing.assert_allclose(volume.affine, AFFINE, atol=1e-5)
+    np.testing.assert_allclose(volume.data, data)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("flat.nii.gz", np.ones((8, 8), np.float32), "2D image"),
+        ("multi.nii.gz", np.ones((8, 8, 8, 3), np.float32), "4D image"),
+        ("const.nii.gz", np.full((8, 8, 8), 7, np.float32), "constant"),
+        ("empty.nii.gz", np.zeros((8, 8, 8), np.float32), "constant"),
+        ("nan.nii.gz", np.where(np.eye(8)[..., None] > 0, np.nan, 1.0).astype(np.float32), "NaN"),
+    ],
+)
+def test_bad_images_name_the_file_and_the_problem(tmp_path, name, data, message):
+    data = np.broadcast_to(data, (8, 8, 8)).copy() if name == "nan.nii.gz" else data
+    path = nifti(tmp_path / name, data)
+    with pytest.raises(VitregError, match=rf"{name}.*{message}"):
+        load_image(path)
+
+
+def test_missing_and_non_image_files_are_user_errors(tmp_path):
+    with pytest.raises(VitregError, match="nothere.nii.gz: no such file"):
+        load_image(tmp_path / "nothere.nii.gz")
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image")
+    with pytest.raises(VitregError, match="notes.nii.gz: not a readable"):
+        load_image(text)
+
+
+def test_non_integer_labels_are_refused(tmp_path):
+    path = nifti(tmp_path / "probs.nii.gz", np.random.default_rng(0).random((6, 6, 6)))
+    with pytest.raises(VitregError, match="probs.nii.gz.*non-integer"):
+        load_labels(path)
+
+
+def test_save_copies_the_reference_header_and_leaves_no_temporary(tmp_path):
+    reference = load_image(nifti(tmp_path / "fixed.nii.gz", np.random.rand(5, 6, 7), sform_code=4))
+    out = save(tmp_path / "out.nii.gz", np.ones((5, 6, 7), np.float32), reference)
+    written = nib.load(str(out))
+    np.testing.assert_allclose(written.affine, AFFINE, atol=1e-6)
+    assert int(written.header["sform_code"]) == 4 and int(written.header["qform_code"]) == 1
+    assert written.header.get_xyzt_units() == reference.header.get_xyzt_units()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.nii.gz", "out.nii.gz"]
+
+
+def test_unwritable_output_is_refused_before_writing(tmp_path):
+    reference = load_image(nifti(tmp_path / "fixed.nii.gz", np.random.rand(5, 6, 7)))
+    with pytest.raises(VitregError, match="does not exist"):
+        save(tmp_path / "missing" / "out.nii.gz", np.ones((5, 6, 7), np.float32), reference)
+    with pytest.raises(VitregError, match="must end in"):
+        save(tmp_path / "out.txt", np.ones((5, 6, 7), np.float32), reference)

@@ -1,0 +1,91 @@
+"""The registration API: frames, orientations and a known world shift recovered in mm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.volumes import blob_image, grid_affine, rotation, write
+from vitreg.errors import VitregError
+from vitreg.frame import ModelFrame, frame_affine
+from vitreg.image import load_image
+from vitreg.nets.vitvnet import VitVNet, VitVNetConfig
+from vitreg.register import choose_device, register
+
+SMALL_FRAME = ModelFrame(orientation="RAS", spacing=(1.0, 1.0, 1.0), shape=(64, 64, 64))
+SHAPE = (36, 40, 34)
+SHIFT_MM = np.array([3.0, -2.0, 1.5])
+
+LINEARS = {
+    "RAS": np.diag([1.6, 1.6, 1.6]),
+    "LPS": np.diag([-1.6, -1.6, 1.6]),
+    "oblique": rotation(20, 2) @ rotation(10, 1) * 1.6,
+}
+
+
+@pytest.mark.parametrize("orientation", list(LINEARS))
+def test_known_world_shift_is_recovered_in_mm(tmp_path, orientation):
+    linear = LINEARS[orientation]
+    image = blob_image(SHAPE, seed=7)
+    fixed_affine = grid_affine(linear, SHAPE)
+    # The moving grid sits SHIFT_MM further along the world axes, so fixed content at x is
+    # moving content at x + SHIFT_MM: the pull displacement is +SHIFT_MM everywhere.
+    moving_affine = fixed_affine.copy()
+    moving_affine[:3, 3] += SHIFT_MM
+    fixed = load_image(write(tmp_path / "fixed.nii.gz", image, fixed_affine))
+    moving = load_image(write(tmp_path / "moving.nii.gz", image, moving_affine))
+    torch.manual_seed(0)
+    result = register(fixed, moving, frame=SMALL_FRAME, optimize=150)
+    head = torch.from_numpy(fixed.data > 0)
+    recovered = [float(result.field.disp_mm[0, axis][head].median()) for axis in range(3)]
+    np.testing.assert_allclose(recovered, SHIFT_MM, atol=0.6)
+    assert result.ncc_after > result.ncc_before
+    assert result.warped.shape == fixed.shape
+
+
+def test_zero_steps_without_a_model_is_the_identity(tmp_path):
+    image = blob_image(SHAPE, seed=2)
+    affine = grid_affine(LINEARS["oblique"], SHAPE)
+    fixed = load_image(write(tmp_path / "fixed.nii.gz", image, affine))
+    result = register(fixed, fixed, frame=SMALL_FRAME)
+    assert torch.count_nonzero(result.field.disp_mm) == 0
+    np.testing.assert_allclose(result.warped, fixed.data, rtol=1e-4, atol=1e-2)
+
+
+def test_network_prediction_runs_in_its_frame(tmp_path):
+    image = blob_image(SHAPE, seed=5)
+    fixed = load_image(write(tmp_path / "fixed.nii.gz", image, grid_affine(LINEARS["RAS"], SHAPE)))
+    config = VitVNetConfig(
+        img_size=SMALL_FRAME.shape, hidden_size=24, num_layers=1, num_heads=2, mlp_dim=32
+    )
+    torch.manual_seed(0)
+    result = register(fixed, fixed, model=VitVNet(config), frame=SMALL_FRAME, optimize=2)
+    assert result.flow_vox.shape == (1, 3, *SMALL_FRAME.shape)
+    assert torch.isfinite(result.field.disp_mm).all()
+
+
+def test_model_and_frame_sizes_must_agree(tmp_path):
+    image = blob_image(SHAPE, seed=5)
+    fixed = load_image(write(tmp_path / "fixed.nii.gz", image, np.eye(4)))
+    model = VitVNet(VitVNetConfig(img_size=(64, 32, 32), hidden_size=24, num_layers=1))
+    with pytest.raises(VitregError, match="frame grid"):
+        register(fixed, fixed, model=model, frame=SMALL_FRAME)
+
+
+def test_frame_affine_has_the_frame_orientation_and_spacing():
+    import nibabel as nib
+
+    frame = ModelFrame(orientation="LIA", spacing=(1.0, 1.0, 1.0), shape=(160, 192, 224))
+    affine = frame_affine(frame, np.array([1.0, 2.0, 3.0]))
+    assert nib.aff2axcodes(affine) == ("L", "I", "A")
+    centre = nib.affines.apply_affine(affine, (np.array(frame.shape) - 1) / 2)
+    np.testing.assert_allclose(centre, [1.0, 2.0, 3.0])
+
+
+def test_cuda_without_a_gpu_is_a_user_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(VitregError, match="CUDA is not available"):
+        choose_device("cuda")
+    assert choose_device("auto").type == "cpu"

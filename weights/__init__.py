@@ -1,0 +1,1 @@
+"""Data folder shipped inside the package as ``vitreg._weights``: the checkpoint registry."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -79,6 +81,9 @@ def test_save_copies_the_reference_header_and_leaves_no_temporary(tmp_path):
     assert int(written.header["sform_code"]) == 4 and int(written.header["qform_code"]) == 1
     assert written.header.get_xyzt_units() == reference.header.get_xyzt_units()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.nii.gz", "out.nii.gz"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_unwritable_output_is_refused_before_writing(tmp_path):

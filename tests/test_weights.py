@@ -255,3 +255,23 @@ def test_foreign_files_are_not_checkpoints(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(VitregError, match="junk.safetensors: not a vitreg checkpoint"):
         read_checkpoint(tmp_path / "junk.safetensors")
+
+
+def test_register_finds_fetches_and_uses_weights_by_name(monkeypatch, tmp_path, checkpoint_bytes):
+    shape = (30, 30, 30)
+    image = write(
+        tmp_path / "f.nii.gz", blob_image(shape), grid_affine(torch.eye(3).numpy(), shape)
+    )
+    with Server({"/small.safetensors": checkpoint_bytes}) as server:
+        cache = use_registry(
+            monkeypatch, tmp_path, f"{server.url}/small.safetensors", checkpoint_bytes
+        )
+        for _ in range(2):
+            result = runner.invoke(
+                app, ["register", str(image), str(image), "-o", str(tmp_path / "w.nii.gz"),
+                      "--weights", "small", "--json"],
+            )  # fmt: skip
+            assert result.exit_code == 0, result.output
+        assert server.gets == {"/small.safetensors": 1}
+    assert (cache / "small.safetensors").is_file()
+    assert json.loads(result.stdout.strip().splitlines()[-1])["weights"] == "small"

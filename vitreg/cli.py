@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vitreg.cli_weights import weights_app
-from vitreg.console import stderr, stdout, user_errors
+from vitreg.console import download_progress, stderr, stdout, user_errors
 from vitreg.errors import VitregError
 
 app = typer.Typer(
@@ -111,9 +111,10 @@ def register(
         if weights.lower() != "none":
             from vitreg.weights import build_model, read_checkpoint, resolve
 
-            checkpoint = read_checkpoint(
-                resolve(weights, offline=offline or None, progress=not quiet)
-            )
+            bar, report_download = download_progress(quiet)
+            with bar:
+                path = resolve(weights, offline=offline or None, progress=report_download)
+            checkpoint = read_checkpoint(path)
             model, frame, weights_name = build_model(checkpoint), checkpoint.frame, weights
         if not quiet:
             stderr.print(
@@ -348,8 +349,7 @@ def dice(
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     """Write rows atomically (temporary file beside the target, then rename)."""
-    import os
-    import tempfile
+    from vitreg.image import atomic_path
 
     if not path.parent.is_dir():
         raise VitregError(f"{path}: output directory {path.parent} does not exist")
@@ -357,13 +357,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=["label", "name", "dice"])
     writer.writeheader()
     writer.writerows(rows)
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as error:
-        raise VitregError(f"{path}: cannot write ({error.strerror})") from None
-    with os.fdopen(handle, "w", newline="") as file:
-        file.write(buffer.getvalue())
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(buffer.getvalue(), newline="")
 
 
 if __name__ == "__main__":

@@ -7,35 +7,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from vitreg.console import stderr, stdout, user_errors
+from vitreg.console import download_progress, stdout, user_errors
 
 weights_app = typer.Typer(
     help="Checkpoints: list, fetch, inspect, import the authors' weights.",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
-
-
-def _download_bar(quiet: bool = False):
-    """A rich byte-count progress bar on stderr and the callback that drives it."""
-    bar = Progress(
-        "{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=stderr,
-        disable=quiet,
-        transient=True,
-    )
-    task = bar.add_task("download", total=None)
-
-    def report(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total or None)
-
-    return bar, report
 
 
 @weights_app.command("list")
@@ -76,7 +56,7 @@ def fetch_command(
     with user_errors():
         from vitreg.weights import resolve
 
-        bar, report = _download_bar(quiet)
+        bar, report = download_progress(quiet)
         with bar:
             path = resolve(name, offline=offline or None, progress=report)
         stdout.print(str(path))

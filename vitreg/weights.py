@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from vitreg import __version__
 from vitreg.errors import VitregError
 from vitreg.frame import ModelFrame
+from vitreg.image import atomic_path
 from vitreg.nets.vitvnet import VitVNet, VitVNetConfig, load_state_dict
 
 FORMAT = "vitreg-checkpoint-1"
@@ -230,15 +230,12 @@ def _write_safetensors(
         "vitreg_version": __version__,
     }
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
     try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise VitregError(f"{path.parent}: cannot create the folder ({error.strerror})") from None
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
     return path
 
 

@@ -66,6 +66,9 @@ def register(
     optimize: Annotated[
         int, typer.Option(help="Steps of test-time optimisation (local NCC + diffusion).")
     ] = 0,
+    smoothness: Annotated[
+        float, typer.Option(help="Weight of the diffusion term in --optimize (higher: smoother).")
+    ] = 5.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     flow_format: Annotated[
         str, typer.Option(help="itk (ANTs/SimpleITK, LPS mm) or voxel (fixed-grid voxels).")
@@ -134,6 +137,7 @@ def register(
                 model=model,
                 frame=frame,
                 optimize=optimize,
+                smoothness=smoothness,
                 device=device,
                 progress=report,
             )
@@ -147,6 +151,7 @@ def register(
             "flow": str(flow) if flow else None,
             "weights": weights_name,
             "optimize_steps": optimize,
+            "smoothness": smoothness,
             "device": result.device,
             "seconds": round(result.seconds, 2),
             "ncc_before": round(result.ncc_before, 4),

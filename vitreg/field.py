@@ -11,7 +11,7 @@ import torch
 from vitreg.errors import VitregError
 from vitreg.frame import grid_coordinates
 from vitreg.image import Volume, load_raw, save
-from vitreg.transform import flow_mm_to_vox, flow_vox_to_mm, ras_to_lps, sample
+from vitreg.transform import flow_mm_to_vox, flow_vox_to_mm, ras_to_lps, sample, sample_labels
 
 FLOW_FORMATS = ("itk", "voxel")
 
@@ -103,14 +103,9 @@ def warp_labels_nearest(
     labels: Volume, field: DisplacementField, device: torch.device | str = "cpu"
 ) -> np.ndarray:
     """Nearest-neighbour pull-warp of a label map onto the field's grid; keeps label values."""
-    coords = torch.round(source_coordinates(field, labels, device)).long()
-    inside = torch.ones(coords.shape[2:], dtype=torch.bool, device=device)
-    for axis, size in enumerate(labels.shape):
-        inside &= (coords[0, axis] >= 0) & (coords[0, axis] < size)
-        coords[0, axis].clamp_(0, size - 1)
-    source = torch.as_tensor(labels.data, device=device)
-    values = source[coords[0, 0], coords[0, 1], coords[0, 2]]
-    return torch.where(inside, values, torch.zeros_like(values)).cpu().numpy()
+    coords = source_coordinates(field, labels, device)
+    source = torch.as_tensor(labels.data, device=device)[None, None]
+    return sample_labels(source, coords)[0, 0].cpu().numpy()
 
 
 def warp_labels_linear(

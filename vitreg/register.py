@@ -68,8 +68,8 @@ def optimize_flow(
     initial_flow_vox: torch.Tensor,
     steps: int,
     levels: Sequence[int] = (4, 2),
-    smoothness: float = 1.0,
-    learning_rate: float = 0.1,
+    smoothness: float = 5.0,
+    learning_rate: float = 0.2,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """Test-time optimisation of a flow: local NCC + ``smoothness`` x diffusion, Adam.
@@ -112,16 +112,20 @@ def register(
     model: VitVNet | None = None,
     frame: ModelFrame | None = None,
     optimize: int = 0,
+    smoothness: float = 5.0,
     device: str = "auto",
     progress: Progress | None = None,
 ) -> Registration:
     """Register ``moving`` to ``fixed`` (both roughly aligned in world space already).
 
     ``model`` predicts the flow in its ``frame`` (the checkpoint's); ``optimize`` steps of
-    test-time optimisation refine it, or start from zero when ``model`` is None. With neither,
-    the flow is zero. The result lives on the fixed image's native grid.
+    test-time optimisation (``smoothness`` weighs the diffusion term) refine it, or start from
+    zero when ``model`` is None. With neither, the flow is zero. The result lives on the fixed
+    image's native grid.
     """
     start = time.perf_counter()
+    if optimize < 0 or smoothness < 0:
+        raise VitregError(f"--optimize {optimize} and --smoothness {smoothness} must be >= 0")
     torch_device = choose_device(device)
     frame = frame or ModelFrame()
     if model is not None and tuple(model.config.img_size) != tuple(frame.shape):
@@ -137,16 +141,17 @@ def register(
         if progress is not None:
             progress("network", 1, 1)
     if optimize > 0:
-        flow = optimize_flow(pair.fixed, pair.moving, flow, optimize, progress=progress)
+        flow = optimize_flow(
+            pair.fixed, pair.moving, flow, optimize, smoothness=smoothness, progress=progress
+        )
     with torch.no_grad():
         ncc_before = -float(local_ncc(pair.fixed, pair.moving))
         ncc_after = -float(local_ncc(pair.fixed, warp(pair.moving, flow)))
-        disp_mm = flow_to_native_mm(flow, pair.affine, fixed)
-        field = DisplacementField(disp_mm=disp_mm.cpu(), grid=fixed)
-        warped = warp_image(moving, DisplacementField(disp_mm=disp_mm, grid=fixed), torch_device)
+        field = DisplacementField(disp_mm=flow_to_native_mm(flow, pair.affine, fixed), grid=fixed)
+        warped = warp_image(moving, field, torch_device)
     return Registration(
         warped=warped,
-        field=field,
+        field=DisplacementField(disp_mm=field.disp_mm.cpu(), grid=fixed),
         flow_vox=flow.cpu(),
         frame_affine=pair.affine,
         ncc_before=ncc_before,

@@ -78,17 +78,16 @@ def warp(
     return sample(image, grid + flow_vox, mode=mode, padding=padding)
 
 
-def warp_labels(labels: torch.Tensor, flow_vox: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour pull-warp of an integer label map (B, 1, D, H, W); keeps the dtype.
+def sample_labels(labels: torch.Tensor, coords_vox: torch.Tensor) -> torch.Tensor:
+    """Exact nearest-neighbour read of a label map (B, C, D, H, W) at (B, 3, d, h, w) voxels.
 
-    Coordinates are rounded (half to even, as grid_sample's nearest) and read exactly, so label
-    values of any size survive; points outside the volume get label 0.
+    Coordinates are rounded (half to even, as grid_sample's nearest) and values gathered, so
+    labels of any size and dtype survive; points outside the volume read 0.
     """
     _check_volume("labels", labels)
-    _check_volume("flow", flow_vox, channels=3)
+    _check_volume("coordinates", coords_vox, channels=3)
     shape = labels.shape[2:]
-    grid = identity_grid(flow_vox.shape[2:], flow_vox.device, flow_vox.dtype)
-    index = torch.round(grid + flow_vox).long()  # (B, 3, d, h, w)
+    index = torch.round(coords_vox).long()  # (B, 3, d, h, w)
     inside = torch.ones_like(index[:, 0], dtype=torch.bool)
     for axis, size in enumerate(shape):
         inside &= (index[:, axis] >= 0) & (index[:, axis] < size)
@@ -96,9 +95,19 @@ def warp_labels(labels: torch.Tensor, flow_vox: torch.Tensor) -> torch.Tensor:
     flat = (index[:, 0] * shape[1] + index[:, 1]) * shape[2] + index[:, 2]  # (B, d, h, w)
     batch, channels = labels.shape[:2]
     source = labels.reshape(batch, channels, -1)
-    gathered = torch.gather(source, 2, flat.reshape(batch, 1, -1).expand(batch, channels, -1))
-    warped = gathered.reshape(batch, channels, *flow_vox.shape[2:])
-    return torch.where(inside.unsqueeze(1), warped, torch.zeros_like(warped))
+    flat = flat.reshape(flat.shape[0], 1, -1).expand(batch, channels, -1)
+    values = torch.gather(source, 2, flat).reshape(batch, channels, *coords_vox.shape[2:])
+    return torch.where(inside.unsqueeze(1), values, torch.zeros_like(values))
+
+
+def warp_labels(labels: torch.Tensor, flow_vox: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour pull-warp of a label map (B, C, D, H, W) with ``flow_vox`` voxels.
+
+    Keeps the dtype and the label values exactly (see :func:`sample_labels`).
+    """
+    _check_volume("flow", flow_vox, channels=3)
+    grid = identity_grid(flow_vox.shape[2:], flow_vox.device, flow_vox.dtype)
+    return sample_labels(labels, grid + flow_vox)
 
 
 def compose(outer_vox: torch.Tensor, inner_vox: torch.Tensor) -> torch.Tensor:

@@ -89,3 +89,24 @@ def test_cuda_without_a_gpu_is_a_user_error():
     with pytest.raises(VitregError, match="CUDA is not available"):
         choose_device("cuda")
     assert choose_device("auto").type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gives_the_cpu_result(tmp_path):
+    image = blob_image(SHAPE, seed=5)
+    fixed = load_image(write(tmp_path / "fixed.nii.gz", image, grid_affine(LINEARS["RAS"], SHAPE)))
+    moving = load_image(write(tmp_path / "moving.nii.gz", image[::-1].copy(), fixed.affine))
+    config = VitVNetConfig(img_size=SMALL_FRAME.shape, hidden_size=24, num_layers=1, num_heads=2)
+    torch.manual_seed(0)
+    model = VitVNet(config)
+    with torch.no_grad():
+        model.reg_head[0].weight.normal_(std=1e-2)  # a visible flow, not the near-zero init
+    results = [
+        register(fixed, moving, model=model, frame=SMALL_FRAME, device=device)
+        for device in ("cpu", "cuda")
+    ]
+    torch.testing.assert_close(
+        results[1].field.disp_mm, results[0].field.disp_mm, atol=1e-3, rtol=0
+    )
+    np.testing.assert_allclose(results[1].warped, results[0].warped, atol=1e-2)

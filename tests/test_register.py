@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.volumes import blob_image, grid_affine, rotation, write
+from tests.volumes import blob_image, grid_affine, rotation, world_head, write
 from vitreg.errors import VitregError
 from vitreg.frame import ModelFrame, frame_affine
 from vitreg.image import load_image
@@ -42,6 +42,32 @@ def test_known_world_shift_is_recovered_in_mm(tmp_path, orientation):
     np.testing.assert_allclose(recovered, SHIFT_MM, atol=0.6)
     assert result.ncc_after > result.ncc_before
     assert result.warped.shape == fixed.shape
+
+
+@pytest.mark.parametrize(
+    ("fixed_orientation", "moving_orientation"),
+    [("RAS", "LPS"), ("LPS", "oblique"), ("oblique", "RAS")],
+)
+def test_shift_is_recovered_between_grids_of_different_orientations(
+    tmp_path, fixed_orientation, moving_orientation
+):
+    fixed_shape, moving_shape = (40, 44, 38), (34, 40, 36)
+    fixed_affine = grid_affine(LINEARS[fixed_orientation], fixed_shape, (1.0, -2.0, 0.5))
+    moving_affine = grid_affine(LINEARS[moving_orientation] * 1.1, moving_shape, (-1.0, 1.0, 0.0))
+    fixed = load_image(
+        write(tmp_path / "fixed.nii.gz", world_head(fixed_affine, fixed_shape), fixed_affine)
+    )
+    moved = world_head(moving_affine, moving_shape, shift_mm=SHIFT_MM)
+    moving = load_image(write(tmp_path / "moving.nii.gz", moved, moving_affine))
+    torch.manual_seed(0)
+    result = register(fixed, moving, frame=SMALL_FRAME, optimize=150)
+    head = torch.from_numpy(fixed.data > 0.5 * fixed.data.max())
+    recovered = [float(result.field.disp_mm[0, axis][head].median()) for axis in range(3)]
+    np.testing.assert_allclose(recovered, SHIFT_MM, atol=0.2)
+    without_flow = register(fixed, moving, frame=SMALL_FRAME)
+    error_before = np.abs(without_flow.warped - fixed.data)[head.numpy()].mean()
+    error_after = np.abs(result.warped - fixed.data)[head.numpy()].mean()
+    assert error_after < 0.5 * error_before
 
 
 def test_zero_steps_without_a_model_is_the_identity(tmp_path):

@@ -40,3 +40,18 @@ def blob_image(shape, seed=0) -> np.ndarray:
 def write(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     nib.save(nib.Nifti1Image(data, affine), str(path))
     return path
+
+
+def world_head(affine: np.ndarray, shape, shift_mm=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """A smooth textured ellipsoid defined in world mm, sampled on any grid: (X, Y, Z) float32.
+
+    The content is shifted by ``shift_mm`` (content at world x moves to x + shift), so two grids
+    in any orientations see the same object, or the same object moved.
+    """
+    index = np.indices(shape).reshape(3, -1).astype(float)
+    world = affine[:3, :3] @ index + affine[:3, 3:4] - np.asarray(shift_mm, float)[:, None]
+    x, y, z = world
+    radius = np.sqrt((x / 24) ** 2 + (y / 28) ** 2 + (z / 22) ** 2)
+    texture = 2 + np.sin(x / 4.0) * np.cos(y / 5.0) + np.sin(z / 3.5 + x / 7.0)
+    inside = 1 / (1 + np.exp((radius - 1) * 20))  # soft edge, no aliasing at any spacing
+    return (300 * texture * inside).reshape(shape).astype(np.float32)

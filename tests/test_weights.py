@@ -216,6 +216,11 @@ def test_official_checkpoint_imports_and_registers(monkeypatch, tmp_path):
     checkpoint = read_checkpoint(resolve(str(out)))
     assert "spatial_trans.grid" not in checkpoint.state_dict
     assert checkpoint.recipe["epoch"] == 3 and checkpoint.frame == FRAME
+    info = runner.invoke(app, ["weights", "info", str(out), "--json"])
+    assert info.exit_code == 0, info.output
+    details = json.loads(info.stdout)
+    assert details["config"]["img_size"] == [32, 32, 32]
+    assert details["frame"] == FRAME.to_dict() and details["recipe"]["epoch"] == 3
     model = build_model(checkpoint)
     inputs = torch.rand(1, 2, *SMALL.img_size)
     with torch.no_grad():

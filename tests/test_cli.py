@@ -160,6 +160,22 @@ def test_bad_inputs_give_one_line_exit_2_and_no_output(pair, tmp_path):
         (["register", nan_path, moving, "-o", out, "--weights", "none"], "NaN"),
         (["warp", moving, bad_flow, "-o", out], "bad_flow.nii.gz"),
         (["dice", pair / "fixed_labels.nii.gz", other_grid], "other.nii.gz"),
+        (
+            [
+                "register",
+                fixed,
+                moving,
+                "-o",
+                out,
+                "--weights",
+                "none",
+                "--fixed-labels",
+                other_grid,
+                "--moving-labels",
+                other_grid,
+            ],
+            "other.nii.gz",
+        ),
         (["register", fixed, moving, "-o", tmp_path / "no" / "out.nii.gz"], "does not exist"),
     ]
     if not torch.cuda.is_available():

@@ -48,12 +48,6 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     stdout.print(table)
 
 
-def _dice_mean(fixed_labels, labels_on_fixed) -> float:
-    from vitreg.metrics import dice_per_label
-
-    return dice_per_label(fixed_labels.data, labels_on_fixed).mean
-
-
 @app.command()
 def register(
     fixed: Annotated[Path, typer.Argument(help="Fixed (target) image, .nii/.nii.gz/.mgz.")],
@@ -93,9 +87,9 @@ def register(
     --flow flow.nii.gz --weights none --optimize 100
     """
     with user_errors():
-        from vitreg.field import DisplacementField, save_flow, warp_labels_nearest
+        from vitreg.field import check_same_grid, save_flow
         from vitreg.image import check_writable, load_image, load_labels, save
-        from vitreg.register import choose_device
+        from vitreg.register import choose_device, dice_before_after
         from vitreg.register import register as run_registration
 
         if flow_format not in ("itk", "voxel"):
@@ -110,6 +104,7 @@ def register(
         label_pair = None
         if fixed_labels is not None and moving_labels is not None:
             label_pair = (load_labels(fixed_labels), load_labels(moving_labels))
+            check_same_grid(fixed_volume, label_pair[0])  # before the long work, not after
         model, frame, weights_name = None, None, "none"
         if weights.lower() != "none":
             from vitreg.weights import build_model, read_checkpoint, resolve
@@ -158,14 +153,8 @@ def register(
             "ncc_after": round(result.ncc_after, 4),
         }
         if label_pair is not None:
-            fixed_lab, moving_lab = label_pair
-            identity = DisplacementField(disp_mm=result.field.disp_mm * 0, grid=fixed_volume)
-            summary["dice_before"] = round(
-                _dice_mean(fixed_lab, warp_labels_nearest(moving_lab, identity)), 4
-            )
-            summary["dice_after"] = round(
-                _dice_mean(fixed_lab, warp_labels_nearest(moving_lab, result.field)), 4
-            )
+            before, after = dice_before_after(*label_pair, result.field)
+            summary["dice_before"], summary["dice_after"] = round(before, 4), round(after, 4)
         if as_json:
             print(json.dumps(summary))
         elif not quiet:

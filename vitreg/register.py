@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from vitreg.errors import VitregError
-from vitreg.field import DisplacementField, warp_image
+from vitreg.field import DisplacementField, check_same_grid, warp_image, warp_labels_nearest
 from vitreg.frame import ModelFrame, flow_to_native_mm, frame_pair
 from vitreg.image import Volume
 from vitreg.losses import diffusion, local_ncc
+from vitreg.metrics import dice_per_label
 from vitreg.nets.vitvnet import VitVNet
 from vitreg.transform import resize_flow, warp
 
@@ -158,4 +159,18 @@ def register(
         ncc_after=ncc_after,
         seconds=time.perf_counter() - start,
         device=str(torch_device),
+    )
+
+
+def dice_before_after(
+    fixed_labels: Volume, moving_labels: Volume, field: DisplacementField
+) -> tuple[float, float]:
+    """Mean Dice of the fixed labels with the moving labels brought onto the fixed grid
+    without the flow (world alignment only) and with it (nearest neighbour, background out).
+    """
+    check_same_grid(field.grid, fixed_labels)
+    identity = DisplacementField(disp_mm=torch.zeros_like(field.disp_mm), grid=field.grid)
+    return tuple(
+        dice_per_label(fixed_labels.data, warp_labels_nearest(moving_labels, warp_field)).mean
+        for warp_field in (identity, field)
     )

@@ -136,3 +136,8 @@ def test_cuda_gives_the_cpu_result(tmp_path):
         results[1].field.disp_mm, results[0].field.disp_mm, atol=1e-3, rtol=0
     )
     np.testing.assert_allclose(results[1].warped, results[0].warped, atol=1e-2)
+
+
+def test_bad_frame_orientation_is_refused():
+    with pytest.raises(VitregError, match="'LRA'"):
+        ModelFrame(orientation="LRA")

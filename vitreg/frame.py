@@ -29,8 +29,14 @@ class ModelFrame:
     percentiles: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self) -> None:
-        if len(self.orientation) != 3:
-            raise VitregError(f"frame orientation must be 3 axis codes, got {self.orientation!r}")
+        pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
+        if len(self.orientation) != 3 or any(
+            sum(code in pair for code in self.orientation) != 1 for pair in pairs
+        ):
+            raise VitregError(
+                f"frame orientation must name one of L/R, A/P and S/I each (e.g. 'LIA'), "
+                f"got {self.orientation!r}"
+            )
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict."""

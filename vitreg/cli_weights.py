@@ -1,4 +1,4 @@
-"""``vitreg weights``: list, fetch, inspect and import checkpoints (over weights.py)."""
+"""``vitreg weights``: list, fetch, inspect and import checkpoints (a thin layer on weights.py)."""
 
 from __future__ import annotations
 
@@ -9,85 +9,81 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vitreg.console import download_progress, stdout, user_errors
+from vitreg.console import stderr, stdout, user_errors
 
 weights_app = typer.Typer(
-    help="Checkpoints: list, fetch, inspect, import the authors' weights.",
+    help="Checkpoints: list, fetch (verified, cached), inspect, import the authors' weights.",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
+
+
+def _human_size(size: int | None) -> str:
+    """Bytes -> '12.3 MiB', or '-' when unknown."""
+    return f"{size / 2**20:.1f} MiB" if size else "-"
 
 
 @weights_app.command("list")
 def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
 ) -> None:
-    """Checkpoints in the registry, and whether they are in the local cache.
+    """Checkpoints in the registry and in the cache, and whether each is available locally.
 
     [bold]Example:[/bold] vitreg weights list --json
     """
     with user_errors():
-        from vitreg.weights import list_checkpoints
+        from vitreg.weights import cache_dir, list_checkpoints
 
         rows = list_checkpoints()
         if as_json:
             print(json.dumps(rows))
             return
-        table = Table(title="vitreg checkpoints")
+        table = Table(title="vitreg checkpoints", caption=f"cache: {cache_dir()}")
         for column in ("name", "size", "cached", "description"):
             table.add_column(column)
         for row in rows:
-            size = f"{row['size'] / 2**20:.1f} MiB" if row["size"] else "-"
             name = row["name"] + (" (default)" if row["default"] else "")
-            table.add_row(name, size, "yes" if row["cached"] else "no", row["description"])
+            cached = "yes" if row["cached"] else "no"
+            table.add_row(name, _human_size(row["size"]), cached, row["description"])
         stdout.print(table)
 
 
 @weights_app.command("fetch")
 def fetch_command(
     name: Annotated[str, typer.Argument(help="Checkpoint name from 'vitreg weights list'.")],
-    offline: Annotated[bool, typer.Option(help="Only look in the cache.")] = False,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Only look locally (also VITREG_OFFLINE=1).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
 ) -> None:
-    """Download a checkpoint into the cache, checking its size and sha256.
+    """Download a checkpoint into the cache, checking its size and sha256; prints its path.
 
-    [bold]Example:[/bold] vitreg weights fetch vitvnet-ixi-official
+    Nothing is downloaded when the checkpoint is already cached or shipped.
+
+    [bold]Example:[/bold] vitreg weights fetch vitvnet-ixi-official --offline
     """
     with user_errors():
         from vitreg.weights import resolve
 
-        bar, report = download_progress(quiet)
-        with bar:
-            path = resolve(name, offline=offline or None, progress=report)
-        stdout.print(str(path))
+        path = resolve(name, offline=True if offline else None, progress=not quiet)
+        stdout.print(str(path), highlight=False, soft_wrap=True)
 
 
 @weights_app.command("info")
 def info_command(
-    name_or_path: Annotated[str, typer.Argument(help="Checkpoint name or file.")],
-    offline: Annotated[bool, typer.Option(help="Never download.")] = False,
+    name_or_path: Annotated[str, typer.Argument(help="Checkpoint name or .safetensors file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
 ) -> None:
-    """Config, model frame and training recipe of a checkpoint.
+    """Config, model frame and training recipe of a checkpoint (never downloads).
 
-    [bold]Example:[/bold] vitreg weights info ~/.cache/vitreg/vitvnet-ixi-official.safetensors
+    For a registry name that is not cached, shows what the registry says instead.
+
+    [bold]Example:[/bold] vitreg weights info vitvnet-ixi-official --json
     """
     with user_errors():
-        from vitreg.weights import read_checkpoint, resolve
+        from vitreg.weights import checkpoint_info
 
-        checkpoint = read_checkpoint(resolve(name_or_path, offline=offline or None))
-        info = {
-            "path": str(checkpoint.path),
-            "vitreg_version": checkpoint.vitreg_version,
-            "parameters": sum(
-                t.numel()
-                for k, t in checkpoint.state_dict.items()
-                if "running_" not in k and "num_batches" not in k
-            ),
-            "config": checkpoint.config.to_dict(),
-            "frame": checkpoint.frame.to_dict(),
-            "recipe": checkpoint.recipe,
-        }
+        info = checkpoint_info(name_or_path)
         if as_json:
             print(json.dumps(info))
         else:
@@ -101,12 +97,14 @@ def import_command(
 ) -> None:
     """Convert the authors' published ViT-V-Net checkpoint to vitreg's safetensors format.
 
-    Loaded with torch.load(weights_only=True): nothing in the file is executed.
+    Read with torch.load(weights_only=True), so nothing in the file is run; only the model
+    tensors are kept, each checked against the published architecture. Prints the new path.
 
-    [bold]Example:[/bold] vitreg weights import ViTVNet_dsc0.734.pth.tar --name vitvnet-ixi-official
+    [bold]Example:[/bold] vitreg weights import dsc0.734.pth.tar --name vitvnet-ixi-official
     """
     with user_errors():
         from vitreg.weights import import_official
 
+        stderr.print(f"importing {file} (read with weights_only=True) ...", highlight=False)
         path = import_official(file, name)
-        stdout.print(str(path))
+        stdout.print(str(path), highlight=False, soft_wrap=True)

@@ -173,6 +173,13 @@ def save(
     return path
 
 
+def plain_file_mode() -> int:
+    """File mode a plain ``open`` would give (0o666 minus the umask), not mkstemp's 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
@@ -190,9 +197,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, plain_file_mode())
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -57,16 +57,20 @@ def mse(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
 
 
 def box_sum(volume: torch.Tensor, window: int) -> torch.Tensor:
-    """Sum over a ``window``^3 box at every voxel of (N, 1, D, H, W), zero padding, same shape.
+    """Sum over a ``window``^3 box at every voxel of (N, C, D, H, W), zero padding, same shape.
 
-    Three separable 1-D convolutions with a ones kernel; equal to conv3d with a ones
-    ``window``^3 kernel and padding ``window // 2`` (``window`` must be odd).
+    Three separable 1-D box averages (zeros counted) rescaled by ``window``^3; equal to conv3d
+    with a ones ``window``^3 kernel and padding ``window // 2`` (``window`` must be odd).
     """
-    ones = volume.new_ones(window)
     half = window // 2
-    summed = F.conv3d(volume, ones.view(1, 1, window, 1, 1), padding=(half, 0, 0))
-    summed = F.conv3d(summed, ones.view(1, 1, 1, window, 1), padding=(0, half, 0))
-    return F.conv3d(summed, ones.view(1, 1, 1, 1, window), padding=(0, 0, half))
+    averaged = volume
+    for kernel, padding in (
+        ((window, 1, 1), (half, 0, 0)),
+        ((1, window, 1), (0, half, 0)),
+        ((1, 1, window), (0, 0, half)),
+    ):
+        averaged = F.avg_pool3d(averaged, kernel, stride=1, padding=padding, count_include_pad=True)
+    return averaged * float(window**3)
 
 
 def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9) -> torch.Tensor:
@@ -80,10 +84,7 @@ def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9) -> tor
         raise VitregError(f"local_ncc window must be a positive odd integer, got {window}")
     n_voxels = float(window**3)
     stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    batch = fixed.shape[0]
-    sums = box_sum(stacked.reshape(batch * 5, 1, *fixed.shape[2:]), window)
-    sums = sums.reshape(batch, 5, *fixed.shape[2:])
-    sum_i, sum_j, sum_i2, sum_j2, sum_ij = sums.unbind(dim=1)
+    sum_i, sum_j, sum_i2, sum_j2, sum_ij = box_sum(stacked, window).unbind(dim=1)
     mean_i = sum_i / n_voxels
     mean_j = sum_j / n_voxels
     cross = sum_ij - mean_j * sum_i - mean_i * sum_j + mean_i * mean_j * n_voxels

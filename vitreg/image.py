@@ -193,9 +193,9 @@ def save(
     if data.shape[:3] != reference.shape:
         raise ValueError(f"data shape {data.shape} does not match grid {reference.shape}")
     if path.name.endswith((".mgz", ".mgh")):
-        image = nib.MGHImage(
-            _mgh_data(path, data), reference.affine, header=_mgh_header_from(reference)
-        )
+        mgh_data = _mgh_data(path, data)
+        image = nib.MGHImage(mgh_data, reference.affine, header=_mgh_header_from(reference))
+        image.header.set_data_dtype(mgh_data.dtype)  # not the reference's type
     else:
         header = _nifti_header_from(reference)
         image = nib.Nifti1Image(data, reference.affine, header=header)

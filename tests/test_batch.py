@@ -99,7 +99,7 @@ def test_batch_continues_past_a_broken_row_and_exits_1(cohort, first_run):
     assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 2, 41}
     assert 0 < by_name["sub01"]["dice_after"] <= 1 and "dice_after" not in by_name["sub02_moving"]
     assert 0 <= by_name["sub01"]["percent_folding"] <= 100
-    assert not any(out.glob("sub03*"))
+    assert not any(out.glob("sub03*")) and failed["warped"] == failed["flow"] == ""
 
 
 def test_summary_csv_matches_the_json(cohort, first_run):

@@ -431,6 +431,7 @@ def register_batch(
             except VitregError as error:
                 message = " ".join(str(error).split())
                 record.update(status="failed", error=f"{csv_path}:{pair.row}: {message}")
+                record.update(dict.fromkeys(outputs, ""))  # a failed pair lists no outputs
             records[pair.row] = record
             _write_summary(out_dir, csv_path, settings, ordered())
             if on_record is not None:

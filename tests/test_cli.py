@@ -193,7 +193,7 @@ def test_bad_inputs_give_one_line_exit_2_and_no_output(pair, tmp_path):
 
 
 def test_every_command_help_has_an_example():
-    for command in ("register", "warp", "warp-labels", "jacobian", "dice"):
+    for command in ("register", "register-batch", "warp", "warp-labels", "jacobian", "dice", "qc"):
         result = invoke(command, "--help")
         assert result.exit_code == 0
         assert "Example:" in result.stdout and f"vitreg {command}" in result.stdout

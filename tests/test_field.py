@@ -13,6 +13,7 @@ from tests.volumes import blob_image, grid_affine, rotation, write
 from vitreg.errors import VitregError
 from vitreg.field import (
     DisplacementField,
+    check_flow_writable,
     load_flow,
     save_flow,
     warp_image,
@@ -139,3 +140,9 @@ def test_flow_of_the_wrong_shape_is_refused(tmp_path):
     path = write(tmp_path / "bad_flow.nii.gz", np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
     with pytest.raises(VitregError, match="bad_flow.nii.gz.*not a displacement field"):
         load_flow(path)
+
+
+def test_an_itk_flow_cannot_go_to_mgz_but_a_voxel_flow_can(tmp_path):
+    with pytest.raises(VitregError, match="flow.mgz: an ITK flow is 5D"):
+        check_flow_writable(tmp_path / "flow.mgz", "itk")
+    assert check_flow_writable(tmp_path / "flow.mgz", "voxel") == tmp_path / "flow.mgz"

@@ -92,3 +92,64 @@ def test_unwritable_output_is_refused_before_writing(tmp_path):
         save(tmp_path / "missing" / "out.nii.gz", np.ones((5, 6, 7), np.float32), reference)
     with pytest.raises(VitregError, match="must end in"):
         save(tmp_path / "out.txt", np.ones((5, 6, 7), np.float32), reference)
+
+
+def write_mgz_by_the_spec(path, data, spacing, mdc, c_ras, tr_ms=2300.0):
+    """An MGZ written from FreeSurfer's format description, not with nibabel: big-endian
+    header (version, dims, type, dof, goodRASFlag, spacing, Mdc columns, c_ras), padded to
+    284 bytes, Fortran-order data, then the scan parameters (TR, flip angle, TE, TI, FoV).
+    """
+    import gzip
+    import struct
+
+    types = {np.dtype(np.uint8): 0, np.dtype(np.int32): 1, np.dtype(np.float32): 3}
+    header = struct.pack(">7ih", 1, *data.shape, 1, types[data.dtype], 0, 1)
+    header += struct.pack(">15f", *spacing, *np.asarray(mdc).T.ravel(), *c_ras)
+    header += b"\0" * (284 - len(header))
+    body = data.astype(data.dtype.newbyteorder(">")).tobytes(order="F")
+    footer = struct.pack(">5f", tr_ms, 0.16, 2.9, 900.0, 256.0)
+    path.write_bytes(gzip.compress(header + body + footer))
+    return path
+
+
+def test_mgz_geometry_follows_freesurfer_c_ras_at_the_centre_voxel(tmp_path):
+    # FreeSurfer: vox2ras = [Mdc * diag(spacing), P0] with c_ras at voxel dims / 2 (not
+    # (dims - 1) / 2); conformed volumes are LIA, i.e. Mdc columns -x, -z, +y.
+    shape, spacing, c_ras = (6, 8, 10), (1.0, 1.5, 2.0), (3.0, -7.0, 11.0)
+    mdc = np.array([[-1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
+    rng = np.random.default_rng(1)
+    brain = write_mgz_by_the_spec(
+        tmp_path / "brain.mgz", rng.integers(0, 255, shape).astype(np.uint8), spacing, mdc, c_ras
+    )
+    aseg = write_mgz_by_the_spec(
+        tmp_path / "aseg.mgz", rng.choice([0, 2, 41, 1035], shape).astype(np.int32), spacing,
+        mdc, c_ras,
+    )  # fmt: skip
+    linear = mdc * np.asarray(spacing)
+    expected = np.eye(4)
+    expected[:3, :3] = linear
+    expected[:3, 3] = np.asarray(c_ras) - linear @ (np.asarray(shape) / 2)
+    volume, labels = load_image(brain), load_labels(aseg)
+    np.testing.assert_allclose(volume.affine, expected, atol=1e-5)
+    np.testing.assert_allclose(labels.affine, expected, atol=1e-5)
+    assert nib.aff2axcodes(volume.affine) == ("L", "I", "A")
+    assert set(np.unique(labels.data)) <= {0, 2, 41, 1035}
+
+
+def test_mgz_outputs_keep_geometry_scan_parameters_and_label_values(tmp_path):
+    mdc = np.array([[-1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
+    data = np.random.default_rng(2).integers(1, 255, (6, 8, 10)).astype(np.uint8)
+    brain = load_image(
+        write_mgz_by_the_spec(tmp_path / "brain.mgz", data, (1, 1, 1), mdc, (1, 2, 3))
+    )
+    labels = np.full(brain.shape, 1035, np.int64)  # a cortical parcel: does not fit uint8
+    written = nib.load(str(save(tmp_path / "aseg_out.mgz", labels, brain)))
+    assert written.get_data_dtype() == np.dtype(">i4")
+    assert np.asarray(written.dataobj).max() == 1035
+    np.testing.assert_allclose(written.affine, brain.affine, atol=1e-5)
+    assert float(written.header["tr"]) == pytest.approx(2300.0)
+    as_float = nib.load(str(save(tmp_path / "f.mgz", labels.astype(np.float64), brain)))
+    assert as_float.get_data_dtype() == np.dtype(">f4")
+    with pytest.raises(VitregError, match="MGZ holds at most 4D"):
+        save(tmp_path / "flow.mgz", np.zeros((*brain.shape, 1, 3), np.float32), brain)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aseg_out.mgz", "brain.mgz", "f.mgz"]

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from vitreg.cli_weights import weights_app
@@ -35,6 +41,8 @@ def _progress(quiet: bool) -> Progress:
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         console=stderr,
         disable=quiet,
         transient=True,
@@ -48,21 +56,52 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     stdout.print(table)
 
 
+# Options that 'register' and 'register-batch' share.
+WeightsOption = Annotated[
+    str, typer.Option(help="Checkpoint name, path, or 'none' (optimisation only).")
+]
+OptimizeOption = Annotated[
+    int, typer.Option(help="Steps of test-time optimisation (local NCC + diffusion).")
+]
+SmoothnessOption = Annotated[
+    float, typer.Option(help="Weight of the diffusion term in --optimize (higher: smoother).")
+]
+
+
+def _load_model(weights: str, offline: bool, quiet: bool):
+    """(model, frame, name) for --weights: (None, None, 'none') for 'none'."""
+    if weights.lower() == "none":
+        return None, None, "none"
+    from vitreg.weights import build_model, read_checkpoint, resolve
+
+    bar, report_download = download_progress(quiet)
+    with bar:
+        path = resolve(weights, offline=offline or None, progress=report_download)
+    checkpoint = read_checkpoint(path)
+    return build_model(checkpoint), checkpoint.frame, weights
+
+
+def _stage_reporter(bar: Progress):
+    """A register/batch progress callback that gives each stage its own bar."""
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return report
+
+
 @app.command()
 def register(
     fixed: Annotated[Path, typer.Argument(help="Fixed (target) image, .nii/.nii.gz/.mgz.")],
     moving: Annotated[Path, typer.Argument(help="Moving image, resampled onto FIXED.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Warped moving image.")],
     flow: Annotated[Path | None, typer.Option("--flow", help="Displacement field out.")] = None,
-    weights: Annotated[
-        str, typer.Option(help="Checkpoint name, path, or 'none' (optimisation only).")
-    ] = "default",
-    optimize: Annotated[
-        int, typer.Option(help="Steps of test-time optimisation (local NCC + diffusion).")
-    ] = 0,
-    smoothness: Annotated[
-        float, typer.Option(help="Weight of the diffusion term in --optimize (higher: smoother).")
-    ] = 5.0,
+    weights: WeightsOption = "default",
+    optimize: OptimizeOption = 0,
+    smoothness: SmoothnessOption = 5.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     flow_format: Annotated[
         str, typer.Option(help="itk (ANTs/SimpleITK, LPS mm) or voxel (fixed-grid voxels).")
@@ -72,6 +111,9 @@ def register(
     ] = None,
     moving_labels: Annotated[
         Path | None, typer.Option(help="Moving label map: report Dice before/after.")
+    ] = None,
+    qc: Annotated[
+        Path | None, typer.Option("--qc", help="Also write a QC figure (PNG, see 'vitreg qc').")
     ] = None,
     offline: Annotated[bool, typer.Option(help="Never download weights.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
@@ -87,8 +129,9 @@ def register(
     --flow flow.nii.gz --weights none --optimize 100
     """
     with user_errors():
-        from vitreg.field import check_same_grid, save_flow
-        from vitreg.image import check_writable, load_image, load_labels, save
+        from vitreg.field import check_flow_writable, check_same_grid, save_flow
+        from vitreg.image import Volume, check_writable, load_image, load_labels, save
+        from vitreg.qc import check_png_writable, qc_figure
         from vitreg.register import choose_device, dice_before_after
         from vitreg.register import register as run_registration
 
@@ -99,33 +142,20 @@ def register(
         choose_device(device)
         check_writable(output)
         if flow is not None:
-            check_writable(flow)
+            check_flow_writable(flow, flow_format)
+        if qc is not None:
+            check_png_writable(qc)
         fixed_volume, moving_volume = load_image(fixed), load_image(moving)
         label_pair = None
         if fixed_labels is not None and moving_labels is not None:
             label_pair = (load_labels(fixed_labels), load_labels(moving_labels))
             check_same_grid(fixed_volume, label_pair[0])  # before the long work, not after
-        model, frame, weights_name = None, None, "none"
-        if weights.lower() != "none":
-            from vitreg.weights import build_model, read_checkpoint, resolve
-
-            bar, report_download = download_progress(quiet)
-            with bar:
-                path = resolve(weights, offline=offline or None, progress=report_download)
-            checkpoint = read_checkpoint(path)
-            model, frame, weights_name = build_model(checkpoint), checkpoint.frame, weights
+        model, frame, weights_name = _load_model(weights, offline, quiet)
         if not quiet:
             stderr.print(
                 f"registering {moving} (moving) to {fixed} (fixed), weights {weights_name}"
             )
         with _progress(quiet) as bar:
-            tasks: dict[str, int] = {}
-
-            def report(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done)
-
             result = run_registration(
                 fixed_volume,
                 moving_volume,
@@ -134,16 +164,20 @@ def register(
                 optimize=optimize,
                 smoothness=smoothness,
                 device=device,
-                progress=report,
+                progress=_stage_reporter(bar),
             )
         save(output, result.warped.astype("float32"), fixed_volume)
         if flow is not None:
             save_flow(flow, result.field, flow_format)
+        if qc is not None:
+            warped_volume = Volume(result.warped, fixed_volume.affine, fixed_volume.header, output)
+            qc_figure(qc, fixed_volume, moving_volume, warped_volume, result.field)
         summary = {
             "fixed": str(fixed),
             "moving": str(moving),
             "warped": str(output),
             "flow": str(flow) if flow else None,
+            "qc": str(qc) if qc else None,
             "weights": weights_name,
             "optimize_steps": optimize,
             "smoothness": smoothness,
@@ -159,6 +193,150 @@ def register(
             print(json.dumps(summary))
         elif not quiet:
             _print_table("vitreg register", [(k, str(v)) for k, v in summary.items()])
+
+
+BATCH_FAILED_EXIT_CODE = 1
+
+
+@app.command("register-batch")
+def register_batch(
+    pairs: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with columns fixed,moving[,name|id][,fixed_labels,moving_labels]; "
+            "relative paths are read from the CSV's folder."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for outputs and summary.")],
+    weights: WeightsOption = "default",
+    optimize: OptimizeOption = 0,
+    smoothness: SmoothnessOption = 5.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    qc: Annotated[bool, typer.Option("--qc", help="Also write NAME_qc.png per pair.")] = False,
+    prefetch: Annotated[
+        int, typer.Option(help="Pairs loaded and checked ahead, in a background thread.")
+    ] = 2,
+    offline: Annotated[bool, typer.Option(help="Never download weights.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print only the summary JSON on stdout.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress or messages.")] = False,
+) -> None:
+    """Register every pair listed in PAIRS with one model load; resumable.
+
+    Per pair NAME (the name/id column, else the moving file's name), on the fixed grid:
+    NAME_warped.nii.gz, NAME_flow.nii.gz (ITK), NAME_warped_labels.nii.gz (labels given).
+
+    OUT_DIR/summary.csv and summary.json: seconds, NCC, folding (% det J <= 0 in the
+    fixed head), SDlogJ and Dice per pair. A rerun skips the pairs already finished.
+
+    A failing pair is reported with its CSV line and the others go on; the exit code is
+    then 1 (2 for a usage error such as a bad CSV header).
+
+    [bold]Example:[/bold] vitreg register-batch pairs.csv --out-dir results --weights none
+    --optimize 100
+    """
+    with user_errors():
+        from vitreg.batch import read_pairs
+        from vitreg.batch import register_batch as run_batch
+        from vitreg.register import choose_device
+
+        choose_device(device)
+        read_pairs(pairs)  # a bad CSV is reported before the model loads
+        if optimize < 0 or smoothness < 0:
+            raise VitregError(f"--optimize {optimize} and --smoothness {smoothness} must be >= 0")
+        model, frame, weights_name = _load_model(weights, offline, quiet)
+        if not quiet:
+            stderr.print(f"registering the pairs of {pairs} (moving to fixed) into {out_dir}")
+        with _progress(quiet) as bar:
+
+            def show_failure(record: dict) -> None:
+                if record["status"] == "failed" and not quiet:
+                    bar.console.print(
+                        f"[red]failed:[/] {record['error']}", highlight=False, soft_wrap=True
+                    )
+
+            result = run_batch(
+                pairs,
+                out_dir,
+                model=model,
+                frame=frame,
+                weights_name=weights_name,
+                optimize=optimize,
+                smoothness=smoothness,
+                device=device,
+                qc=qc,
+                prefetch=prefetch,
+                progress=_stage_reporter(bar),
+                on_record=show_failure,
+            )
+    if as_json:
+        print(result.summary_json.read_text().strip())
+    elif not quiet:
+        _print_batch_table(result.records)
+        stderr.print(f"summary: {result.summary_csv} and {result.summary_json}")
+    if result.failed:
+        if not quiet:
+            stderr.print(f"[red]{len(result.failed)} of {len(result.records)} pairs failed[/]")
+        raise typer.Exit(BATCH_FAILED_EXIT_CODE)
+
+
+def _print_batch_table(records: list[dict]) -> None:
+    table = Table(title="vitreg register-batch")
+    columns = ("row", "name", "status", "seconds", "percent_folding", "dice_after", "error")
+    for column in columns:
+        table.add_column(column.replace("percent_folding", "% folding"))
+    for record in records:
+        status = (
+            "ok (earlier run)"
+            if record["status"] == "ok" and record["resumed"]
+            else record["status"]
+        )
+        values = {**record, "status": status}
+        table.add_row(*(str(values.get(column, "")) for column in columns))
+    stdout.print(table)
+
+
+@app.command()
+def qc(
+    fixed: Annotated[Path, typer.Argument(help="Fixed image.")],
+    moving: Annotated[Path, typer.Argument(help="Moving image (any grid).")],
+    warped: Annotated[Path, typer.Argument(help="Warped moving image, on FIXED's grid.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The figure, .png.")],
+    flow: Annotated[
+        Path | None,
+        typer.Option(help="Flow on FIXED's grid: adds the deformed grid and det J panels."),
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Figure title (default: file names).")] = None,
+    dpi: Annotated[int, typer.Option(help="Resolution (pixels per inch of a 2.1 in panel).")] = 90,
+) -> None:
+    """Quality-control figure: axial, coronal and sagittal slices through the fixed head.
+
+    Columns: fixed, moving (resampled onto FIXED's grid), warped, a checkerboard of fixed and
+    warped, and with --flow the deformed grid and the Jacobian determinant with a colour
+    bar. Neurological view (the subject's right on the right), letters on every panel.
+
+    [bold]Example:[/bold] vitreg qc fixed.nii.gz moving.nii.gz warped.nii.gz --flow
+    flow.nii.gz -o qc.png
+    """
+    with user_errors():
+        from vitreg.image import load_image
+        from vitreg.qc import check_png_writable, qc_figure
+
+        if dpi < 20 or dpi > 600:
+            raise VitregError(f"--dpi {dpi}: expected 20 to 600")
+        check_png_writable(output)
+        fixed_volume = load_image(fixed)
+        field = _load_field(flow, fixed) if flow is not None else None
+        qc_figure(
+            output,
+            fixed_volume,
+            load_image(moving),
+            load_image(warped),
+            field,
+            title=title,
+            dpi=dpi,
+        )
 
 
 @app.command()
@@ -220,7 +398,7 @@ def warp_labels(
     """
     with user_errors():
         from vitreg.field import warp_labels_linear, warp_labels_nearest
-        from vitreg.image import check_writable, load_labels, save
+        from vitreg.image import check_writable, label_dtype, load_labels, save
         from vitreg.register import choose_device
 
         if method not in ("nearest", "linear"):
@@ -231,17 +409,7 @@ def warp_labels(
         source = load_labels(labels)
         warp_fn = warp_labels_linear if method == "linear" else warp_labels_nearest
         warped = warp_fn(source, field, torch_device)
-        save(output, warped.astype(_label_dtype(source)), field.grid)
-
-
-def _label_dtype(labels) -> str:
-    """The label file's own integer type on disk, else int32."""
-    import numpy as np
-
-    dtype = np.dtype(labels.header.get_data_dtype()) if labels.header is not None else None
-    if dtype is not None and np.issubdtype(dtype, np.integer):
-        return dtype.newbyteorder("=").name
-    return "int32"
+        save(output, warped.astype(label_dtype(source)), field.grid)
 
 
 @app.command()

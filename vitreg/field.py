@@ -10,7 +10,7 @@ import torch
 
 from vitreg.errors import VitregError
 from vitreg.frame import grid_coordinates
-from vitreg.image import Volume, load_raw, save
+from vitreg.image import Volume, check_writable, load_raw, save
 from vitreg.transform import flow_mm_to_vox, flow_vox_to_mm, ras_to_lps, sample, sample_labels
 
 FLOW_FORMATS = ("itk", "voxel")
@@ -47,6 +47,14 @@ def save_flow(path: str | Path, field: DisplacementField, flow_format: str = "it
         data = field.to_voxels()[0].permute(1, 2, 3, 0).detach().cpu().numpy()
         return save(path, data.astype(np.float32), field.grid, intent="vector")
     raise VitregError(f"unknown flow format {flow_format!r}; use one of {', '.join(FLOW_FORMATS)}")
+
+
+def check_flow_writable(path: str | Path, flow_format: str = "itk") -> Path:
+    """Raise VitregError unless the flow can be written there in that format (before work)."""
+    path = check_writable(path)
+    if flow_format == "itk" and path.name.endswith((".mgz", ".mgh")):
+        raise VitregError(f"{path}: an ITK flow is 5D, which MGZ cannot hold; use .nii.gz")
+    return path
 
 
 def load_flow(path: str | Path) -> DisplacementField:

@@ -100,6 +100,14 @@ def load_labels(path: str | Path) -> Volume:
     return Volume(data=data, affine=image.affine.astype(np.float64), header=image.header, path=path)
 
 
+def label_dtype(labels: Volume) -> str:
+    """The label file's own integer type on disk (native byte order), else int32."""
+    dtype = np.dtype(labels.header.get_data_dtype()) if labels.header is not None else None
+    if dtype is not None and np.issubdtype(dtype, np.integer):
+        return dtype.newbyteorder("=").name
+    return "int32"
+
+
 def load_raw(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.spatialimages.SpatialHeader]:
     """Read any image's array (float32, scaling applied, no shape checks), affine and header."""
     path = Path(path)
@@ -111,11 +119,14 @@ def load_raw(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.spatialimage
     )
 
 
-def check_writable(path: str | Path) -> Path:
-    """Raise VitregError unless ``path`` can be created (checked before long work starts)."""
+def check_writable(path: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> Path:
+    """Raise VitregError unless ``path`` ends in one of ``suffixes`` and can be created.
+
+    Checked before long work starts, so a typo costs seconds, not a registration.
+    """
     path = Path(path)
-    if not path.name.endswith(IMAGE_SUFFIXES):
-        raise VitregError(f"{path}: output must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    if not path.name.endswith(suffixes):
+        raise VitregError(f"{path}: output must end in one of {', '.join(suffixes)}")
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise VitregError(f"{path}: output directory {directory} does not exist")
@@ -131,6 +142,38 @@ def _nifti_header_from(reference: Volume | None) -> nib.Nifti1Header | None:
         header = reference.header.copy()
         header.set_slope_inter(None, None)
         return header
+    return None
+
+
+# The types an MGH file can hold (uint8, int16, int32, float32), and what others become.
+MGH_DTYPES = ("uint8", "int16", "int32", "float32")
+
+
+def _mgh_data(path: Path, data: np.ndarray) -> np.ndarray:
+    """``data`` in a type MGH holds: integers that fit int32 as int32, the rest float32."""
+    if data.ndim > 4:
+        raise VitregError(
+            f"{path}: MGZ holds at most 4D (X, Y, Z, frames); write this {data.ndim}D image "
+            "(e.g. an ITK flow) as .nii.gz"
+        )
+    if data.dtype.name in MGH_DTYPES:
+        return data
+    if data.dtype == bool:
+        return data.astype(np.uint8)
+    if np.issubdtype(data.dtype, np.integer) and (
+        data.size == 0 or (data.min() >= -(2**31) and data.max() < 2**31)
+    ):
+        return data.astype(np.int32)
+    return data.astype(np.float32)
+
+
+def _mgh_header_from(reference: Volume) -> nib.freesurfer.mghformat.MGHHeader | None:
+    """The reference's MGH header (scan parameters TR, flip angle, TE, TI, FoV), if it has one.
+
+    nibabel rewrites its shape, type and vox2ras from the data and the affine on saving.
+    """
+    if isinstance(reference.header, nib.freesurfer.mghformat.MGHHeader):
+        return reference.header.copy()
     return None
 
 
@@ -150,7 +193,9 @@ def save(
     if data.shape[:3] != reference.shape:
         raise ValueError(f"data shape {data.shape} does not match grid {reference.shape}")
     if path.name.endswith((".mgz", ".mgh")):
-        image = nib.MGHImage(data, reference.affine)
+        mgh_data = _mgh_data(path, data)
+        image = nib.MGHImage(mgh_data, reference.affine, header=_mgh_header_from(reference))
+        image.header.set_data_dtype(mgh_data.dtype)  # not the reference's type
     else:
         header = _nifti_header_from(reference)
         image = nib.Nifti1Image(data, reference.affine, header=header)

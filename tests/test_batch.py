@@ -1,0 +1,207 @@
+"""Batch registration from a CSV: continues past broken rows, resumes, writes summaries."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import TINY_FRAME
+from tests.volumes import grid_affine, rotation, world_head, write
+from vitreg import batch
+from vitreg.cli import app
+from vitreg.errors import VitregError
+from vitreg.image import load_image
+from vitreg.register import register
+from vitreg.weights import build_model, read_checkpoint
+
+runner = CliRunner()
+SHAPE = (26, 30, 24)
+
+
+def head_pair(folder, name, shift_mm, labels=False):
+    """Fixed (oblique, 2 mm) and moving (LPS, 2.2 mm) heads; optional two-label maps."""
+    fixed_affine = grid_affine(rotation(10, 2) * 2.0, SHAPE)
+    moving_affine = grid_affine(np.diag([-2.2, -2.2, 2.2]), SHAPE, (1, -1, 0))
+    paths = {
+        "fixed": write(folder / f"{name}_t1.nii.gz", world_head(fixed_affine, SHAPE), fixed_affine),
+        "moving": write(
+            folder / f"{name}_moving.nii.gz",
+            world_head(moving_affine, SHAPE, shift_mm),
+            moving_affine,
+        ),
+    }
+    if labels:
+        for role in ("fixed", "moving"):
+            image = nib.load(str(paths[role]))
+            data = image.get_fdata()
+            aseg = np.where(data > 150, 2, 0) + np.where(data > 600, 39, 0)
+            path = folder / f"{name}_{role}_aseg.nii.gz"
+            nib.save(nib.Nifti1Image(aseg.astype(np.uint8), image.affine), str(path))
+            paths[f"{role}_labels"] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """pairs.csv: line 2 with labels, line 3 plain, line 4 a moving file that does not exist."""
+    folder = tmp_path_factory.mktemp("cohort")
+    first = head_pair(folder, "sub01", (2.0, -1.0, 1.0), labels=True)
+    second = head_pair(folder, "sub02", (-1.5, 1.0, 0.0))
+    rows = [
+        ["sub01", first["fixed"].name, first["moving"].name, first["fixed_labels"].name,
+         first["moving_labels"].name],
+        ["", second["fixed"].name, second["moving"].name, "", ""],
+        ["sub03", second["fixed"].name, "missing_moving.nii.gz", "", ""],
+    ]  # fmt: skip
+    with open(folder / "pairs.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["name", "fixed", "moving", "fixed_labels", "moving_labels"])
+        writer.writerows(rows)
+    return folder
+
+
+def run_batch(cohort, checkpoint, *extra):
+    args = ["register-batch", cohort / "pairs.csv", "--out-dir", cohort / "out",
+            "--weights", checkpoint, "--json", *extra]  # fmt: skip
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def first_run(cohort, tiny_checkpoint):
+    result = run_batch(cohort, tiny_checkpoint)
+    return result, json.loads(result.stdout)
+
+
+def test_batch_continues_past_a_broken_row_and_exits_1(cohort, first_run):
+    result, summary = first_run
+    assert result.exit_code == 1, result.output
+    by_name = {record["name"]: record for record in summary["pairs"]}
+    assert [record["row"] for record in summary["pairs"]] == [2, 3, 4]
+    assert by_name["sub01"]["status"] == by_name["sub02_moving"]["status"] == "ok"
+    failed = by_name["sub03"]
+    assert failed["status"] == "failed"
+    assert "pairs.csv:4" in failed["error"] and "missing_moving.nii.gz" in failed["error"]
+    assert "pairs.csv:4" in result.stderr
+    assert summary["counts"] == {"ok": 2, "failed": 1, "resumed": 0}
+    out = cohort / "out"
+    fixed = nib.load(str(cohort / "sub01_t1.nii.gz"))
+    warped = nib.load(str(out / "sub01_warped.nii.gz"))
+    np.testing.assert_allclose(warped.affine, fixed.affine, atol=1e-6)
+    assert nib.load(str(out / "sub01_flow.nii.gz")).shape == (*SHAPE, 1, 3)
+    labels = nib.load(str(out / "sub01_warped_labels.nii.gz"))
+    assert labels.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 2, 41}
+    assert 0 < by_name["sub01"]["dice_after"] <= 1 and "dice_after" not in by_name["sub02_moving"]
+    assert 0 <= by_name["sub01"]["percent_folding"] <= 100
+    assert not any(out.glob("sub03*")) and failed["warped"] == failed["flow"] == ""
+
+
+def test_summary_csv_matches_the_json(cohort, first_run):
+    _, summary = first_run
+    with open(cohort / "out" / "summary.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["name"] for row in rows] == [record["name"] for record in summary["pairs"]]
+    assert rows[0]["dice_after"] == str(summary["pairs"][0]["dice_after"])
+    assert float(rows[1]["seconds"]) > 0 and rows[2]["status"] == "failed"
+    assert json.loads((cohort / "out" / "summary.json").read_text()) == summary
+
+
+def test_batch_output_equals_a_single_registration(cohort, first_run, tiny_checkpoint):
+    """Each pair goes through register(): the same model and settings give the same image."""
+    checkpoint = read_checkpoint(tiny_checkpoint)
+    fixed = load_image(cohort / "sub02_t1.nii.gz")
+    single = register(
+        fixed, load_image(cohort / "sub02_moving.nii.gz"), model=build_model(checkpoint),
+        frame=checkpoint.frame,
+    )  # fmt: skip
+    batched = nib.load(str(cohort / "out" / "sub02_moving_warped.nii.gz")).get_fdata()
+    np.testing.assert_allclose(batched, single.warped, atol=1e-4)
+
+
+def test_rerun_skips_finished_pairs_and_redoes_changed_ones(cohort, first_run, tiny_checkpoint):
+    out = cohort / "out"
+    stamp = {path.name: path.stat().st_mtime_ns for path in out.glob("*.nii.gz")}
+    again = run_batch(cohort, tiny_checkpoint)
+    assert again.exit_code == 1
+    records = json.loads(again.stdout)["pairs"]
+    assert [record["resumed"] for record in records] == [True, True, False]
+    assert {path.name: path.stat().st_mtime_ns for path in out.glob("*.nii.gz")} == stamp
+    # Supply the missing file and touch sub02's moving image: those two are redone.
+    (cohort / "missing_moving.nii.gz").write_bytes((cohort / "sub02_moving.nii.gz").read_bytes())
+    moving = cohort / "sub02_moving.nii.gz"
+    os.utime(moving, ns=(moving.stat().st_atime_ns, moving.stat().st_mtime_ns + 10**9))
+    third = run_batch(cohort, tiny_checkpoint)
+    assert third.exit_code == 0, third.output
+    summary = json.loads(third.stdout)
+    assert [record["resumed"] for record in summary["pairs"]] == [True, False, False]
+    assert summary["counts"] == {"ok": 3, "failed": 0, "resumed": 1}
+    assert (out / "sub03_flow.nii.gz").is_file()
+
+
+def test_names_come_from_the_csv_or_the_moving_path(tmp_path):
+    (tmp_path / "pairs.csv").write_text(
+        "fixed,moving\n"
+        "template.nii.gz,subjects/sub01/mri/brain.mgz\n"
+        "\n"
+        "template.nii.gz,subjects/sub02/mri/brain.mgz\n"
+    )
+    pairs = batch.read_pairs(tmp_path / "pairs.csv")
+    assert [(pair.row, pair.name) for pair in pairs] == [
+        (2, "sub01_mri_brain"),
+        (4, "sub02_mri_brain"),
+    ]
+    assert pairs[0].moving == tmp_path / "subjects/sub01/mri/brain.mgz"
+    (tmp_path / "ids.csv").write_text("ID,Fixed,Moving\na b,f.nii,m.nii\na/b,f.nii,m2.nii\n")
+    with pytest.raises(VitregError, match=r"ids.csv:3: output name 'a_b' is also that of line 2"):
+        batch.read_pairs(tmp_path / "ids.csv")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("fixed,image\na,b\n", "no moving column"), ("fixed,moving\n", "no pairs")],
+)
+def test_a_bad_csv_is_a_usage_error(tmp_path, text, expected):
+    (tmp_path / "pairs.csv").write_text(text)
+    result = runner.invoke(
+        app, ["register-batch", str(tmp_path / "pairs.csv"), "--out-dir", str(tmp_path / "o"),
+              "--weights", "none"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("vitreg: error:") and expected in result.output
+
+
+def test_bad_rows_are_named_when_loaded(tmp_path):
+    good = head_pair(tmp_path, "good", (0, 0, 0), labels=True)
+    flat = write(tmp_path / "flat.nii.gz", np.ones((8, 8), np.float32), np.eye(4))
+    other_grid = write(tmp_path / "grid.nii.gz", np.ones((8, 8, 8), np.uint8), np.eye(4))
+    cases = [
+        (dict(fixed=good["fixed"], moving=flat), "2D image"),
+        (dict(fixed=good["fixed"], moving=None), "no moving image"),
+        (dict(fixed=good["fixed"], moving=good["moving"], fixed_labels=other_grid,
+              moving_labels=good["moving_labels"]), "grid.nii.gz"),
+        (dict(fixed=good["fixed"], moving=good["moving"], fixed_labels=good["fixed_labels"]),
+         "go together"),
+    ]  # fmt: skip
+    for fields, expected in cases:
+        with pytest.raises(VitregError, match=expected):
+            batch.load_pair(batch.PairRow(row=2, name="x", **fields))
+
+
+def test_a_bug_in_the_loading_thread_reaches_the_caller(tmp_path, monkeypatch):
+    pair = head_pair(tmp_path, "p", (0, 0, 0))
+    (tmp_path / "pairs.csv").write_text(
+        f"fixed,moving\n{pair['fixed'].name},{pair['moving'].name}\n"
+    )
+
+    def broken(_pair):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(batch, "load_pair", broken)
+    with pytest.raises(ZeroDivisionError):
+        batch.register_batch(tmp_path / "pairs.csv", tmp_path / "out", frame=TINY_FRAME)

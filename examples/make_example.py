@@ -387,6 +387,35 @@ def print_dice(title: str, dice: dict[int, float]) -> None:
     print(f"{title}: " + ", ".join(parts) + f", mean: {np.mean(list(dice.values())):.3f}")
 
 
+# --------------------------------------------------------------------------- the two brains
+
+
+def mni_brain(
+    mni_files: dict[str, bytes],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ICBM 2009a sym T1 from the nilearn files: (t1 uint8, affine, brain mask, CSF/GM/WM maps).
+
+    The maps are (3, X, Y, Z) in [0, 1], zero outside the mask; CSF is the rest of the brain.
+    """
+    t1 = load_nifti(mni_files[MNI_T1])
+    t1_data = np.asarray(t1.dataobj).astype(np.uint8)
+    gm = np.asarray(load_nifti(mni_files[MNI_GM]).dataobj).astype(np.float64) / 255.0
+    wm = np.asarray(load_nifti(mni_files[MNI_WM]).dataobj).astype(np.float64) / 255.0
+    mask = ndimage.binary_fill_holes(largest_component(t1_data > 0))
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)  # no CSF map in the wheel: the rest of the brain
+    return t1_data, t1.affine, mask, np.stack([csf, gm, wm]) * mask
+
+
+def colin_brain(
+    colin_files: dict[str, bytes],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Colin27 ch2bet: (image uint8, affine, brain mask, k-means CSF/GM/WM labels 1..3)."""
+    colin = load_nifti(colin_files[COLIN_MEMBER])
+    data = np.asarray(colin.dataobj).astype(np.uint8)
+    mask = largest_component(data > 0)  # drop 98 small BET leftovers
+    return data, colin.affine, mask, kmeans_labels(data, mask, k=3)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -397,14 +426,7 @@ def build(out_dir: Path, deb: Path, wheel: Path) -> None:
     check_sha256({**colin_files, **mni_files})
 
     # ---- fixed: ICBM 2009a sym T1 (already skull-stripped in nilearn: zero outside the brain)
-    t1 = load_nifti(mni_files[MNI_T1])
-    mni_aff = t1.affine
-    t1_data = np.asarray(t1.dataobj).astype(np.uint8)
-    gm = np.asarray(load_nifti(mni_files[MNI_GM]).dataobj).astype(np.float64) / 255.0
-    wm = np.asarray(load_nifti(mni_files[MNI_WM]).dataobj).astype(np.float64) / 255.0
-    mni_mask = ndimage.binary_fill_holes(largest_component(t1_data > 0))
-    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)  # no CSF map in the wheel: the rest of the brain
-    mni_probs = np.stack([csf, gm, wm]) * mni_mask
+    t1_data, mni_aff, mni_mask, mni_probs = mni_brain(mni_files)
 
     fshape, faff = grid_for(mni_mask, mni_aff, FIXED_SPACING, FIXED_AXCODES)
     fixed = resample(t1_data * mni_mask, mni_aff, fshape, faff)
@@ -412,11 +434,7 @@ def build(out_dir: Path, deb: Path, wheel: Path) -> None:
     fixed[fixed_labels == 0] = 0
 
     # ---- moving: Colin27 ch2bet (BET brain extraction, 1 mm)
-    colin = load_nifti(colin_files[COLIN_MEMBER])
-    colin_aff = colin.affine
-    colin_data = np.asarray(colin.dataobj).astype(np.uint8)
-    colin_mask = largest_component(colin_data > 0)  # drop 98 small BET leftovers
-    colin_seg = kmeans_labels(colin_data, colin_mask, k=3)
+    colin_data, colin_aff, colin_mask, colin_seg = colin_brain(colin_files)
     colin_onehot = np.stack([(colin_seg == c).astype(np.float64) for c in (1, 2, 3)])
 
     mshape, maff = grid_for(colin_mask, colin_aff, MOVING_SPACING, MOVING_AXCODES)

@@ -56,7 +56,7 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
     stdout.print(table)
 
 
-# Options that 'register' and 'register-batch' share.
+# Options that the registering commands share.
 WeightsOption = Annotated[
     str, typer.Option(help="Checkpoint name, path, or 'none' (optimisation only).")
 ]
@@ -337,6 +337,105 @@ def qc(
             title=title,
             dpi=dpi,
         )
+
+
+@app.command()
+def evaluate(
+    pairs: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with columns fixed, moving [, fixed_labels, moving_labels, true_flow, "
+            "mask, lut, set, name]; paths relative to the CSV."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for results.csv, dice.csv and summary.json.")
+    ],
+    weights: WeightsOption = "default",
+    optimize: OptimizeOption = 0,
+    smoothness: SmoothnessOption = 5.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    groups: Annotated[
+        bool, typer.Option("--groups", help="Merge left/right structures (Dice averaged).")
+    ] = False,
+    offline: Annotated[bool, typer.Option(help="Never download weights.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print only the summary JSON on stdout.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress or messages.")] = False,
+) -> None:
+    """Register every pair of PAIRS and score it: Dice per structure, folding (det <= 0),
+    SDlogJ, end-point error against a true flow, wall time and peak memory.
+
+    [bold]Example:[/bold] vitreg evaluate sets/pairs.csv --out eval/ --weights none
+    --optimize 100 --groups
+    """
+    with user_errors():
+        from vitreg.evaluate import evaluate as run_evaluation
+        from vitreg.evaluate import read_pairs, summarise, write_results
+        from vitreg.register import choose_device
+
+        choose_device(device)
+        pair_list = read_pairs(pairs)
+        model, frame, weights_name = _load_model(weights, offline, quiet)
+        if not quiet:
+            stderr.print(f"evaluating {len(pair_list)} pairs from {pairs}, weights {weights_name}")
+        with _progress(quiet) as bar:
+            results = run_evaluation(
+                pair_list,
+                progress=_stage_reporter(bar),
+                model=model,
+                frame=frame,
+                optimize=optimize,
+                smoothness=smoothness,
+                device=device,
+            )
+        summary = summarise(results)
+        written = write_results(out, results, summary, groups)
+        if as_json:
+            print(json.dumps(summary))
+            return
+        if not quiet:
+            _print_summary(summary, groups)
+            stderr.print(f"wrote {', '.join(str(path) for path in written.values())}")
+
+
+def _cell(stats: dict, digits: int) -> str:
+    if stats["mean"] is None:
+        return "-"
+    return f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}"
+
+
+def _print_summary(summary: dict, groups: bool) -> None:
+    """Mean ± sd per set of the scalar metrics (and of the structure groups with --groups)."""
+    columns = {
+        "dice_mean": ("Dice", 3),
+        "percent_nonpositive": ("% det≤0", 3),
+        "sdlogj": ("SDlogJ", 3),
+        "epe_mm": ("EPE mm", 2),
+        "correlation_after": ("corr", 3),
+        "seconds": ("seconds", 1),
+        "peak_memory_mib": ("peak MiB", 0),
+    }
+    table = Table(title="vitreg evaluate (mean ± sd)")
+    table.add_column("set")
+    table.add_column("pairs", justify="right")
+    for title, _ in columns.values():
+        table.add_column(title, justify="right")
+    for set_name, values in summary.items():
+        cells = [_cell(values[key], digits) for key, (_, digits) in columns.items()]
+        table.add_row(set_name, str(values["pairs"]), *cells)
+    stdout.print(table)
+    if not groups:
+        return
+    for set_name, values in summary.items():
+        if values["groups"]:
+            group_table = Table(title=f"Dice per structure, left/right merged: {set_name}")
+            group_table.add_column("structure")
+            group_table.add_column("Dice", justify="right")
+            for name, stats in sorted(values["groups"].items()):
+                group_table.add_row(name, _cell(stats, 3))
+            stdout.print(group_table)
 
 
 @app.command()

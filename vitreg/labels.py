@@ -78,3 +78,18 @@ def parse_label_list(text: str) -> list[int]:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
         raise VitregError(f"--labels {text!r}: expected comma-separated integers") from None
+
+
+def structure_group(name: str) -> str:
+    """The structure a left or right label belongs to, hemisphere dropped.
+
+    FreeSurfer names lose a 'Left-'/'Right-' prefix ('Left-Hippocampus' -> 'Hippocampus'),
+    AAL names an '_L'/'_R' suffix ('Precentral_L' -> 'Precentral'); others stay as they are.
+    """
+    for prefix in ("Left-", "Right-"):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    for suffix in ("_L", "_R"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name

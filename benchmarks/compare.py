@@ -1,0 +1,355 @@
+"""vitreg against affine-only, ANTs SyN and a SimpleITK baseline on the same pairs and metrics.
+
+Every method is a plain function ``(loaded pair, options) -> DisplacementField`` (the pull
+field on the fixed grid, RAS mm) in ``METHODS``; each (pair, method) runs in a fresh worker
+process, timed and with its peak memory measured by ``vitreg.evaluate.measure``, and is
+scored by ``vitreg.evaluate.field_metrics`` (Dice with nearest-neighbour label warping,
+det(J) <= 0 and SDlogJ in the mask, end-point error against the true flow, correlation).
+Writes ``RESULTS.md`` (one table per set: mean ± sd over its pairs) and a CSV of all rows.
+
+Needs antspyx for the ANTs rows (``pip install -e .[bench]``). Example:
+
+    python benchmarks/compare.py /tmp/vitreg-sets/pairs.csv --optimize 100 \\
+        --out benchmarks/RESULTS.md --csv /tmp/vitreg-compare.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import datetime
+import multiprocessing
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the methods may need: the vitreg checkpoint (None: no network rows), steps of
+    test-time optimisation, CPU threads, the device and a scratch folder."""
+
+    weights: str | None
+    optimize: int
+    threads: int
+    device: str
+    scratch: Path
+
+
+# ---------------------------------------------------------------------------------- methods
+
+
+def _vitreg(loaded, options: Options, network: bool, optimize: int):
+    from vitreg.register import register
+
+    model = frame = None
+    if network:
+        from vitreg.weights import build_model, read_checkpoint, resolve
+
+        checkpoint = read_checkpoint(resolve(options.weights, offline=True))
+        model, frame = build_model(checkpoint), checkpoint.frame
+    return register(
+        loaded.fixed,
+        loaded.moving,
+        model=model,
+        frame=frame,
+        optimize=optimize,
+        device=options.device,
+    ).field
+
+
+def _itk_field_to_vitreg(transform, loaded, options: Options):
+    """Dense pull field of a SimpleITK transform on the fixed grid, via an ITK flow file."""
+    import SimpleITK as sitk
+
+    from vitreg.field import DisplacementField, load_flow
+
+    reference = sitk.ReadImage(str(loaded.pair.fixed))
+    dense = sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(),
+        reference.GetSpacing(), reference.GetDirection(),
+    )  # fmt: skip
+    path = options.scratch / "itk_field.nii.gz"
+    sitk.WriteImage(sitk.Cast(dense, sitk.sitkVectorFloat32), str(path))
+    return DisplacementField(disp_mm=load_flow(path).disp_mm, grid=loaded.fixed)
+
+
+def _sitk_affine(fixed, moving):
+    """Mattes MI affine, 3 levels, initialised at the centres of mass."""
+    import SimpleITK as sitk
+
+    initial = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.05, seed=1)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([2, 1, 0])
+    method.SetInitialTransform(initial, inPlace=False)
+    return method.Execute(fixed, moving)
+
+
+def identity(loaded, options: Options):
+    """No registration: the images as they lie in world space (the starting point)."""
+    import torch
+
+    from vitreg.field import DisplacementField
+
+    return DisplacementField(disp_mm=torch.zeros(1, 3, *loaded.fixed.shape), grid=loaded.fixed)
+
+
+def affine_only(loaded, options: Options):
+    """SimpleITK Mattes-MI affine (no deformable stage)."""
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(str(loaded.pair.fixed), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(loaded.pair.moving), sitk.sitkFloat32)
+    return _itk_field_to_vitreg(_sitk_affine(fixed, moving), loaded, options)
+
+
+def sitk_demons(loaded, options: Options):
+    """SimpleITK: MI affine, then histogram matching and multi-resolution diffeomorphic demons."""
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(str(loaded.pair.fixed), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(loaded.pair.moving), sitk.sitkFloat32)
+    affine = _sitk_affine(fixed, moving)
+    resampled = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0)
+    matched = sitk.HistogramMatching(resampled, fixed, 256, 15, True)
+    demons = sitk.DiffeomorphicDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(50)
+    demons.SetSmoothDisplacementField(True)
+    demons.SetStandardDeviations(1.5)
+    field = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64)
+    field.CopyInformation(fixed)
+    # Coarse to fine: each level starts from the previous level's field, resampled.
+    for shrink in (4, 2, 1):
+        fixed_level = sitk.Shrink(fixed, [shrink] * 3) if shrink > 1 else fixed
+        moving_level = sitk.Shrink(matched, [shrink] * 3) if shrink > 1 else matched
+        start = sitk.Resample(
+            field, fixed_level, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
+        )
+        field = demons.Execute(fixed_level, moving_level, start)
+    deformable = sitk.DisplacementFieldTransform(field)
+    # Points go through the demons field first, then the affine (last added, applied first).
+    return _itk_field_to_vitreg(sitk.CompositeTransform([affine, deformable]), loaded, options)
+
+
+def _ants(loaded, options: Options, transform: str):
+    import ants
+
+    from vitreg.field import DisplacementField, load_flow
+
+    fixed = ants.image_read(str(loaded.pair.fixed))
+    moving = ants.image_read(str(loaded.pair.moving))
+    result = ants.registration(
+        fixed, moving, type_of_transform=transform, random_seed=1,
+        outprefix=str(options.scratch / "ants_"),
+    )  # fmt: skip
+    # antsApplyTransforms composes the whole transform list into one field on the fixed grid.
+    composed = ants.apply_transforms(
+        fixed, moving, result["fwdtransforms"], compose=str(options.scratch / "ants_composed_")
+    )
+    return DisplacementField(disp_mm=load_flow(composed).disp_mm, grid=loaded.fixed)
+
+
+Method = Callable[[object, Options], object]
+NEEDS_WEIGHTS = {"vitreg network", "vitreg network + optimisation"}
+METHODS: dict[str, Method] = {
+    "identity (no registration)": identity,
+    "vitreg network": lambda pair, o: _vitreg(pair, o, network=True, optimize=0),
+    "vitreg network + optimisation": lambda p, o: _vitreg(p, o, network=True, optimize=o.optimize),
+    "vitreg optimisation": lambda pair, o: _vitreg(pair, o, network=False, optimize=o.optimize),
+    "affine (SimpleITK MI)": affine_only,
+    "ANTs SyN": lambda pair, o: _ants(pair, o, "SyN"),
+    "ANTs SyNCC": lambda pair, o: _ants(pair, o, "SyNCC"),
+    "SimpleITK demons": sitk_demons,
+}
+DEFAULT_METHODS = [name for name in METHODS if name != "ANTs SyNCC"]
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+def _worker_setup(threads: int) -> None:
+    """Same imports and thread limits in every worker, so baselines of memory are equal."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        import ants  # noqa: F401
+    except ImportError:
+        pass
+
+
+def run_one(method: str, pair, options: Options) -> dict:
+    """Run ``method`` on ``pair`` in this process and return its result row."""
+    from vitreg.evaluate import load_pair, measure
+
+    _worker_setup(options.threads)
+    loaded = load_pair(pair)
+    with tempfile.TemporaryDirectory(dir=options.scratch) as scratch:
+        method_options = Options(**{**options.__dict__, "scratch": Path(scratch)})
+        device = "cpu" if not method.startswith("vitreg") else options.device
+        result = measure(loaded, lambda: METHODS[method](loaded, method_options), device)
+    return {"method": method, **result.row()}
+
+
+def run_isolated(method: str, pair, options: Options) -> dict:
+    """``run_one`` in a fresh spawned process (clean memory figures, no shared state)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(run_one, method, pair, options).result()
+
+
+def machine() -> str:
+    """CPU model, cores available, memory, GPU, library versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except OSError:
+        memory = float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    versions = [f"torch {torch.__version__}"]
+    for module in ("ants", "SimpleITK"):
+        try:
+            versions.append(f"{module} {__import__(module).__version__}")
+        except ImportError:
+            versions.append(f"{module} missing")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores, {memory:.0f} GiB, {gpu}; " + ", ".join(versions)
+
+
+COLUMNS = (
+    ("dice_mean", "Dice", 3),
+    ("percent_nonpositive", "% det≤0", 3),
+    ("sdlogj", "SDlogJ", 3),
+    ("epe_mm", "EPE mm", 2),
+    ("correlation_after", "corr", 3),
+    ("seconds", "seconds", 1),
+    ("peak_memory_mib", "peak MiB", 0),
+)
+
+
+def results_markdown(rows: list[dict], skipped: dict[str, str], header: str) -> str:
+    """One table per set: mean ± sd over the set's pairs of every column, per method."""
+    from vitreg.evaluate import mean_sd
+
+    lines = [header, ""]
+    for set_name in dict.fromkeys(row["set"] for row in rows):
+        members = [row for row in rows if row["set"] == set_name]
+        pairs = len({row["name"] for row in members})
+        lines += [f"## {set_name} ({pairs} pairs)", ""]
+        lines.append("| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |")
+        lines.append("|---" * (len(COLUMNS) + 1) + "|")
+        for method in dict.fromkeys(row["method"] for row in members):
+            cells = []
+            for key, _, digits in COLUMNS:
+                values = [r[key] for r in members if r["method"] == method and r[key] is not None]
+                stats = mean_sd(values)
+                cells.append(
+                    "-" if stats["mean"] is None
+                    else f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}"
+                )  # fmt: skip
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for method, reason in skipped.items():
+        lines.append(f"- {method}: skipped ({reason})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pairs", type=Path, help="pairs.csv from make_sets.py")
+    parser.add_argument("--weights", help="vitreg checkpoint; without it no network rows")
+    parser.add_argument("--optimize", type=int, default=100, help="vitreg optimisation steps")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
+    parser.add_argument("--syncc", action="store_true", help="also run ANTs SyNCC")
+    parser.add_argument("--only", help="comma-separated pair names (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="device for vitreg (cpu or cuda)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--csv", type=Path, help="also write every (pair, method) row here")
+    args = parser.parse_args(argv)
+
+    from vitreg.evaluate import read_pairs
+
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    if args.syncc and "ANTs SyNCC" not in methods:
+        methods.append("ANTs SyNCC")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
+    skipped = {}
+    if args.weights is None:
+        for name in [m for m in methods if m in NEEDS_WEIGHTS]:
+            skipped[name] = "no checkpoint: pass --weights"
+            methods.remove(name)
+            print(f"{name}: skipped, no checkpoint (pass --weights)", file=sys.stderr)
+    pairs = read_pairs(args.pairs)
+    if args.only:
+        wanted = {name.strip() for name in args.only.split(",")}
+        pairs = [pair for pair in pairs if pair.name in wanted]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vitreg-compare-") as scratch:
+        options = Options(args.weights, args.optimize, args.threads, args.device, Path(scratch))
+        for pair in pairs:
+            for method in methods:
+                start = time.perf_counter()
+                row = run_isolated(method, pair, options)
+                rows.append(row)
+                print(
+                    f"{pair.name} | {method}: Dice {row['dice_mean']}, EPE {row['epe_mm']}, "
+                    f"{row['seconds']:.1f} s ({time.perf_counter() - start:.1f} s with scoring), "
+                    f"{row['peak_memory_mib']:.0f} MiB",
+                    file=sys.stderr,
+                )
+    command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+    header = (
+        "# vitreg benchmark results\n\n"
+        f"Date: {datetime.date.today().isoformat()}. Machine: {machine()}.\n\n"
+        f"Command: `{command}`\n\n"
+        "Mean ± sd over the pairs of each set. Dice: mean over labels (nearest-neighbour "
+        "label warping); % det≤0 and SDlogJ of the pull field on the fixed grid, in the brain "
+        "mask; EPE: mean end-point error against the true flow in the mask (mm); corr: "
+        "correlation of the fixed and warped moving images in the mask; seconds: the "
+        "registration's wall time; peak MiB: peak resident memory of the worker process "
+        "(imports included; CUDA max allocated for vitreg on a GPU)."
+    )
+    args.out.write_text(results_markdown(rows, skipped, header))
+    if args.csv is not None and rows:
+        with args.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""Build the benchmark sets from packages: real brains moved by known random deformations.
+
+Sets (1 mm, each brain cropped to its mask plus a margin):
+
+* ``colin27-aal``: Colin27 (``ch2bet``, Debian ``mricron-data``) with its 116 AAL labels,
+  ``--pairs`` times moved by a random smooth deformation (``vitreg.simulate``, longest
+  displacement ``--max-displacement`` mm) with intensity changes (bias field, gamma, noise,
+  contrast), against the original with its own intensity changes.
+* ``mni152-tissue``: the ICBM 2009a symmetric MNI152 T1 (nilearn wheel) with CSF/GM/WM labels
+  from its probability maps, the same way.
+* ``cross-subject``: the MNI152 average (fixed, tissue labels) against Colin27 (moving,
+  k-means tissue labels, as ``examples/make_example.py``): no true flow.
+
+In a deformed pair the *fixed* image is the moved brain: fixed(x) = brain(x + u(x)) with the
+true pull field u written as an ITK displacement field (``true_flow.nii.gz``, LPS mm, what
+SimpleITK and antsApplyTransforms read), so registering the moving (original) brain to the
+fixed one should recover u, and the moving labels warped with u are the fixed labels.
+Writes ``pairs.csv`` for ``vitreg evaluate`` and ``benchmarks/compare.py``.
+
+    python benchmarks/make_sets.py --seed 0 --out /tmp/vitreg-sets \\
+        --mricron-deb mricron-data_1.2.20211006+dfsg-4_all.deb \\
+        --nilearn-wheel nilearn-0.14.1-py3-none-any.whl
+
+Without ``--mricron-deb``/``--nilearn-wheel`` they are fetched with ``apt-get download`` and
+``pip download`` (the reading code is ``examples/make_example.py``'s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+import make_example as sources  # noqa: E402  (the shared .deb / wheel reading)
+
+from vitreg.field import DisplacementField, save_flow, warp_labels_nearest  # noqa: E402
+from vitreg.image import Volume, save  # noqa: E402
+from vitreg.simulate import random_deformation, random_intensity  # noqa: E402
+from vitreg.transform import flow_vox_to_mm, warp  # noqa: E402
+
+AAL_MEMBER = "usr/share/mricron/templates/aal.nii.gz"
+AAL_NAMES_MEMBER = "usr/share/mricron/templates/aal.nii.txt"
+MARGIN_VOX = 8
+PAIR_COLUMNS = ("set", "name", "fixed", "moving", "fixed_labels", "moving_labels")
+OPTIONAL_COLUMNS = ("true_flow", "mask", "lut")
+
+
+@dataclass(frozen=True)
+class Brain:
+    """A brain on its grid: ``image`` (X, Y, Z) float32, ``labels`` int16, ``mask`` bool, the
+    voxel-to-world RAS+ ``affine``, and ``lut`` (the label names as 'index name' lines)."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    lut: str
+
+    def volume(self) -> Volume:
+        """A header-less Volume on this grid (the reference for writing files)."""
+        return Volume(data=self.image, affine=self.affine, header=None, path=Path(self.name))
+
+
+def crop(brain: Brain, margin: int = MARGIN_VOX) -> Brain:
+    """The brain cut to its mask's bounding box plus ``margin`` voxels (world kept)."""
+    index = np.argwhere(brain.mask)
+    low = np.maximum(index.min(axis=0) - margin, 0)
+    high = np.minimum(index.max(axis=0) + margin + 1, brain.mask.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+    affine = brain.affine.copy()
+    affine[:3, 3] = brain.affine[:3, :3] @ low + brain.affine[:3, 3]
+    return Brain(
+        brain.name, brain.image[box], brain.labels[box], brain.mask[box], affine, brain.lut
+    )
+
+
+def _intensity(image: np.ndarray, mask: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    """Random intensity changes of a brain (X, Y, Z), zero outside ``mask`` (skull-stripped)."""
+    changed = random_intensity(torch.from_numpy(image)[None, None], generator=generator)
+    return (changed[0, 0].clamp(min=0).numpy() * mask).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class DeformedPair:
+    """Fixed = the brain moved by ``field`` (plus intensity changes); moving = the brain.
+
+    Arrays are (X, Y, Z) on the brain's grid; ``field`` is the true pull field in RAS mm.
+    """
+
+    fixed: np.ndarray
+    fixed_labels: np.ndarray
+    fixed_mask: np.ndarray
+    moving: np.ndarray
+    field: DisplacementField
+
+
+def deform(brain: Brain, max_displacement_mm: float, generator: torch.Generator) -> DeformedPair:
+    """Move ``brain`` by a random smooth deformation with known field, change intensities."""
+    grid = brain.volume()
+    flow_vox = random_deformation(
+        brain.image.shape, max_displacement_mm, grid.spacing, generator=generator
+    )
+    field = DisplacementField(disp_mm=flow_vox_to_mm(flow_vox, brain.affine), grid=grid)
+    moved = warp(torch.from_numpy(brain.image)[None, None], flow_vox)[0, 0].numpy()
+    label_volume = Volume(brain.labels, brain.affine, None, Path(brain.name))
+    mask_volume = Volume(brain.mask.astype(np.uint8), brain.affine, None, Path(brain.name))
+    fixed_labels = warp_labels_nearest(label_volume, field).astype(np.int16)
+    fixed_mask = warp_labels_nearest(mask_volume, field) > 0
+    return DeformedPair(
+        fixed=_intensity(moved, fixed_mask, generator),
+        fixed_labels=fixed_labels,
+        fixed_mask=fixed_mask,
+        moving=_intensity(brain.image, brain.mask, generator),
+        field=field,
+    )
+
+
+def write_deformed(
+    out: Path, set_name: str, index: int, brain: Brain, pair: DeformedPair
+) -> dict[str, str]:
+    """Write one deformed pair under ``out/set_name/`` and return its pairs.csv row."""
+    folder = out / set_name
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = brain.volume()
+    stem = f"{set_name}_{index:02d}"
+    names = {
+        "fixed": f"{stem}_fixed.nii.gz",
+        "moving": f"{stem}_moving.nii.gz",
+        "fixed_labels": f"{stem}_fixed_labels.nii.gz",
+        "moving_labels": f"{set_name}_labels.nii.gz",
+        "true_flow": f"{stem}_true_flow.nii.gz",
+        "mask": f"{stem}_fixed_mask.nii.gz",
+        "lut": f"{set_name}_labels.txt",
+    }
+    save(folder / names["fixed"], pair.fixed, grid)
+    save(folder / names["moving"], pair.moving, grid)
+    save(folder / names["fixed_labels"], pair.fixed_labels, grid)
+    save(folder / names["moving_labels"], brain.labels.astype(np.int16), grid)
+    save(folder / names["mask"], pair.fixed_mask.astype(np.uint8), grid)
+    save_flow(folder / names["true_flow"], pair.field, "itk")
+    (folder / names["lut"]).write_text(brain.lut)
+    row = {key: f"{set_name}/{value}" for key, value in names.items()}
+    return {"set": set_name, "name": stem, **row}
+
+
+def write_cross(out: Path, fixed: Brain, moving: Brain) -> dict[str, str]:
+    """Write the cross-subject pair (each brain on its own grid) and return its row."""
+    folder = out / "cross-subject"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "fixed": (fixed.image, fixed),
+        "moving": (moving.image, moving),
+        "fixed_labels": (fixed.labels.astype(np.int16), fixed),
+        "moving_labels": (moving.labels.astype(np.int16), moving),
+        "mask": (fixed.mask.astype(np.uint8), fixed),
+    }
+    suffix = {"fixed": "t1", "moving": "t1", "mask": "mask"}
+    row = {"set": "cross-subject", "name": f"{fixed.name}_vs_{moving.name}"}
+    for key, (data, brain) in files.items():
+        name = f"{brain.name}_{suffix.get(key, 'tissue')}.nii.gz"
+        save(folder / name, data, brain.volume())
+        row[key] = f"cross-subject/{name}"
+    (folder / "tissue_labels.txt").write_text(fixed.lut)
+    row["lut"] = "cross-subject/tissue_labels.txt"
+    return row
+
+
+def write_pairs_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    """The pairs file ``vitreg evaluate`` reads (paths relative to it)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*PAIR_COLUMNS, *OPTIONAL_COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def tissue_lut() -> str:
+    return "".join(f"{label} {name}\n" for label, name in sources.LABEL_NAMES.items())
+
+
+def read_brains(deb: Path, wheel: Path) -> tuple[Brain, Brain, Brain]:
+    """(Colin27 with AAL, MNI152 with tissue labels, Colin27 with k-means tissue labels)."""
+    _, colin_files = sources.read_deb(deb, [sources.COLIN_MEMBER, AAL_MEMBER, AAL_NAMES_MEMBER])
+    _, mni_files = sources.read_wheel(wheel, [sources.MNI_T1, sources.MNI_GM, sources.MNI_WM])
+    colin, colin_affine, colin_mask, colin_tissue = sources.colin_brain(colin_files)
+    aal = sources.load_nifti(colin_files[AAL_MEMBER])
+    if not np.allclose(aal.affine, colin_affine) or aal.shape != colin.shape:
+        raise SystemExit("aal.nii.gz is not on the grid of ch2bet.nii.gz")
+    aal_labels = np.asarray(aal.dataobj).astype(np.int16) * colin_mask
+    aal_names = colin_files[AAL_NAMES_MEMBER].decode()
+    colin_image = (colin * colin_mask).astype(np.float32)
+    t1, mni_affine, mni_mask, probs = sources.mni_brain(mni_files)
+    mni_labels = ((np.argmax(probs, axis=0) + 1) * mni_mask).astype(np.int16)
+    mni_image = (t1 * mni_mask).astype(np.float32)
+    return (
+        crop(Brain("colin27", colin_image, aal_labels, colin_mask, colin_affine, aal_names)),
+        crop(Brain("mni152", mni_image, mni_labels, mni_mask, mni_affine, tissue_lut())),
+        crop(Brain("colin27", colin_image, colin_tissue, colin_mask, colin_affine, tissue_lut())),
+    )
+
+
+def build(
+    out: Path, brains: dict[str, Brain], pairs: int, max_displacement_mm: float, seed: int
+) -> list[dict[str, str]]:
+    """Write ``pairs`` deformed pairs per brain of ``brains`` (set name -> brain)."""
+    rows = []
+    for set_index, (set_name, brain) in enumerate(brains.items()):
+        for index in range(pairs):
+            generator = torch.Generator().manual_seed(seed * 10_000 + set_index * 100 + index)
+            pair = deform(brain, max_displacement_mm, generator)
+            rows.append(write_deformed(out, set_name, index, brain, pair))
+            print(f"{set_name} pair {index}: {brain.image.shape}", file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", type=int, default=3, help="deformed pairs per brain")
+    parser.add_argument("--max-displacement", type=float, default=10.0, help="mm")
+    parser.add_argument("--mricron-deb", type=Path, help="use this mricron-data .deb")
+    parser.add_argument("--nilearn-wheel", type=Path, help="use this nilearn wheel")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vitreg-sets-") as work:
+        deb = args.mricron_deb or sources.fetch_mricron_deb(Path(work))
+        wheel = args.nilearn_wheel or sources.fetch_nilearn_wheel(Path(work))
+        colin_aal, mni, colin_tissue = read_brains(deb, wheel)
+    rows = build(
+        args.out,
+        {"colin27-aal": colin_aal, "mni152-tissue": mni},
+        args.pairs,
+        args.max_displacement,
+        args.seed,
+    )
+    rows.append(write_cross(args.out, mni, colin_tissue))
+    path = write_pairs_csv(args.out / "pairs.csv", rows)
+    print(f"wrote {len(rows)} pairs to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

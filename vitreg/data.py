@@ -289,8 +289,12 @@ def read_ixi(folder: str | Path) -> Dataset:
 
 def _numpy_rebuilders() -> dict[tuple[str, str], object]:
     """The callables numpy's own pickles name, found by reduction (whatever numpy's version)."""
+    import codecs
+
     rebuilders: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray}
     rebuilders[("numpy", "dtype")] = np.dtype
+    # protocols 0-2 store bytes as _codecs.encode(text, 'latin1'): data, not code
+    rebuilders[("_codecs", "encode")] = codecs.encode
     for reduced in (
         np.zeros(1).__reduce_ex__(2),
         np.zeros(1).__reduce_ex__(5),

@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from vitreg import __version__
 from vitreg.data import (
     CachedPairs,
+    Dataset,
     PairSource,
     TrainBatch,
     build_cache_entry,
@@ -230,24 +231,22 @@ def _rank0_says(processes: Processes, flag: bool) -> bool:
 
 
 def prepare_data(
-    data: str | Path,
+    dataset: Dataset,
+    centre_mm: np.ndarray,
     output: Path,
     recipe: TrainRecipe,
     frame: ModelFrame,
     processes: Processes,
-    atlas: str | Path | None = None,
-    atlas_is_moving: bool = False,
     cache: str | Path | None = None,
     progress: TrainProgress | None = None,
 ) -> tuple[CachedPairs, Sequence[TrainBatch], dict]:
-    """Check every file, frame them into the cache (shared among processes), open the source.
+    """Frame every file into the cache (work shared among processes), open the pair source.
 
+    ``centre_mm`` is the frame grid's world centre (from :func:`vitreg.data.check_files`).
     Returns the training pair source, the validation pairs and a description for the state.
     """
-    dataset = read_dataset(data, atlas, atlas_is_moving, recipe.val_fraction)
     items, partners, val_pairs, _files = pair_indices(dataset)
-    centre = check_files(dataset)
-    grid_affine = frame_affine(frame, centre)
+    grid_affine = frame_affine(frame, centre_mm)
     entries = cache_entries(dataset, frame, grid_affine, cache_folder(output, cache))
     problems = []
     for number, entry in enumerate(entries):
@@ -635,9 +634,14 @@ def _train(
                 f"{output}: holds a training run already; continue it with --resume or choose "
                 "another output folder"
             )
+        torch.manual_seed(recipe.seed)  # the initial weights (DDP copies rank 0's anyway)
         model, frame = build_network(recipe, frame, config, init)
     if max_minutes is not None and max_minutes <= 0:
         raise VitregError(f"--max-minutes {max_minutes}: expected > 0")
+    if isinstance(data, str | Path):  # every file checked before anything is written
+        dataset = read_dataset(data, atlas, atlas_is_moving, recipe.val_fraction)
+        pair_indices(dataset)
+        centre_mm = check_files(dataset)
     if processes.writes:
         try:
             output.mkdir(parents=True, exist_ok=True)
@@ -648,7 +652,7 @@ def _train(
     data_info: dict = {"origin": "pair source"}
     if isinstance(data, str | Path):
         source, val_pairs, data_info = prepare_data(
-            data, output, recipe, frame, processes, atlas, atlas_is_moving, cache, progress
+            dataset, centre_mm, output, recipe, frame, processes, cache, progress
         )
     else:
         source = data

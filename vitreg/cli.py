@@ -514,6 +514,8 @@ def train(
             if not isinstance(changes, dict):
                 raise VitregError(f"{config}: expected a JSON object of config fields")
             net_config = VitVNetConfig.from_dict({**VitVNetConfig().to_dict(), **changes})
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports
+        quiet = quiet or rank != 0
         bar, report = _train_progress(quiet)
         if resume and not quiet:
             stderr.print(f"resuming {output / 'state.safetensors'} with its recorded options")
@@ -533,7 +535,7 @@ def train(
                 device=device,
                 progress=report,
             )
-        if int(os.environ.get("RANK", "0")) != 0:
+        if rank != 0:
             return
         summary = {
             "output": str(result.output),

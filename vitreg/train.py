@@ -318,6 +318,17 @@ def _flow(model: torch.nn.Module, batch: TrainBatch, recipe: TrainRecipe) -> tor
     return flow.float()
 
 
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, recipe: TrainRecipe
+) -> torch.Tensor:
+    """One optimisation step on ``batch``; returns the (detached) loss."""
+    loss, _ = pair_loss(recipe, batch, _flow(model, batch, recipe))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def validate(
     model: VitVNet,
     pairs: Sequence[TrainBatch],
@@ -512,13 +523,13 @@ def plot_curves(path: Path, history: list[dict]) -> None:
 
     figure = Figure(figsize=(12, 3.6), layout="constrained")
     axes = figure.subplots(1, 3)
-    axes[0].plot(epochs, series("train_loss"), label="train")
-    axes[0].plot(epochs, series("val_loss"), label="validation")
+    axes[0].plot(epochs, series("train_loss"), marker=".", label="train")
+    axes[0].plot(epochs, series("val_loss"), marker=".", label="validation")
     axes[0].set(title="loss", xlabel="epoch")
     axes[0].legend()
-    axes[1].plot(epochs, series("val_dice"), color="tab:green")
+    axes[1].plot(epochs, series("val_dice"), marker=".", color="tab:green")
     axes[1].set(title="validation Dice", xlabel="epoch")
-    axes[2].plot(epochs, series("val_folding_percent"), color="tab:red")
+    axes[2].plot(epochs, series("val_folding_percent"), marker=".", color="tab:red")
     axes[2].set(title="% det(J) <= 0 (validation)", xlabel="epoch")
     for axis in axes:
         axis.grid(alpha=0.3)
@@ -543,7 +554,7 @@ def build_network(
     if init is not None:
         from vitreg.weights import resolve
 
-        checkpoint = read_checkpoint(resolve(str(init), offline=True))
+        checkpoint = read_checkpoint(resolve(str(init), progress=False))
         config, frame, state = checkpoint.config, checkpoint.frame, checkpoint.state_dict
     config = replace(
         config or VitVNetConfig(),
@@ -741,10 +752,7 @@ def _train(
                 data_generator,
                 processes.device,
             )
-            loss, _ = pair_loss(recipe, batch, _flow(model, batch, recipe))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, batch, recipe)
             loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
             step += 1
             if progress is not None:

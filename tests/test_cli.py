@@ -192,8 +192,25 @@ def test_bad_inputs_give_one_line_exit_2_and_no_output(pair, tmp_path):
     assert leftovers == []
 
 
+def test_train_lists_every_bad_csv_row_in_one_line_exit_2(pair, tmp_path):
+    shutil.copy(pair / "fixed.nii.gz", tmp_path / "good.nii.gz")
+    write(tmp_path / "flat.nii.gz", np.ones((8, 8), np.float32), np.eye(4))
+    csv = tmp_path / "subjects.csv"
+    csv.write_text("image\ngood.nii.gz\nmissing.nii.gz\nflat.nii.gz\ngood.nii.gz\n")
+    result = invoke("train", csv, "-o", tmp_path / "run", "--val-fraction", "0", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert line.startswith("vitreg: error:") and "2 bad row(s)" in line
+    assert "subjects.csv line 3: " in line and "missing.nii.gz: no such file" in line
+    assert "subjects.csv line 4: " in line and "2D image" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_command_help_has_an_example():
-    for command in ("register", "register-batch", "warp", "warp-labels", "jacobian", "dice", "qc"):
+    for command in (
+        "register", "register-batch", "warp", "warp-labels", "jacobian", "dice", "qc",
+        "evaluate", "train",
+    ):
         result = invoke(command, "--help")
         assert result.exit_code == 0
         assert "Example:" in result.stdout and f"vitreg {command}" in result.stdout

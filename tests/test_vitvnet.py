@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from vitreg.errors import VitregError
 from vitreg.nets.vitvnet import VitVNet, VitVNetConfig, load_state_dict
-from vitreg.transform import warp
+from vitreg.transform import integrate_velocity, warp
 
 OFFICIAL_KEYS = Path(__file__).parent / "data" / "official-state-dict.tsv"
 
@@ -143,3 +144,15 @@ def test_config_round_trips_through_a_dict():
     assert VitVNetConfig.from_dict(SMALL.to_dict()) == SMALL
     with pytest.raises(VitregError, match="unknown"):
         VitVNetConfig.from_dict({"bogus": 1})
+
+
+def test_int_steps_integrate_the_head_output_as_a_velocity():
+    torch.manual_seed(0)
+    plain = VitVNet(replace(SMALL, flow_init_std=5.0)).eval()
+    diffeomorphic = VitVNet(replace(SMALL, flow_init_std=5.0, int_steps=4)).eval()
+    diffeomorphic.load_state_dict(plain.state_dict())
+    moving_fixed = torch.rand(1, 2, *SMALL.img_size)
+    with torch.no_grad():
+        velocity = plain(moving_fixed)
+        assert velocity.abs().max() > 1  # voxels: integration is not a no-op
+        torch.testing.assert_close(diffeomorphic(moving_fixed), integrate_velocity(velocity, 4))

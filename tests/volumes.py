@@ -55,3 +55,19 @@ def world_head(affine: np.ndarray, shape, shift_mm=(0.0, 0.0, 0.0)) -> np.ndarra
     texture = 2 + np.sin(x / 4.0) * np.cos(y / 5.0) + np.sin(z / 3.5 + x / 7.0)
     inside = 1 / (1 + np.exp((radius - 1) * 20))  # soft edge, no aliasing at any spacing
     return (300 * texture * inside).reshape(shape).astype(np.float32)
+
+
+def write_head_set(folder: Path, count: int, shape=(36, 40, 34), spacing=2.0) -> list[tuple]:
+    """``count`` shifted heads with 3-class label maps as NIfTI: [(image, labels), ...]."""
+    affine = grid_affine(np.diag([spacing] * 3), shape)
+    paths = []
+    for k in range(count):
+        image = world_head(affine, shape, shift_mm=(2.0 * k - count, k - count / 2, 0.5 * k))
+        labels = (image > 400).astype(np.int16) + (image > 700)
+        paths.append(
+            (
+                write(folder / f"sub{k}.nii.gz", image, affine),
+                write(folder / f"sub{k}_seg.nii.gz", labels, affine),
+            )
+        )
+    return paths

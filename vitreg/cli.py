@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -15,11 +16,14 @@ import typer
 from rich.progress import (
     BarColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from vitreg.cli_weights import weights_app
 from vitreg.console import download_progress, stderr, stdout, user_errors
@@ -620,6 +624,197 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer.writerows(rows)
     with atomic_path(path) as temporary:
         temporary.write_text(buffer.getvalue(), newline="")
+
+
+class _StepsPerSecond(ProgressColumn):
+    """Steps per second of a task (rich's own speed columns count bytes)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} it/s" if speed else "- it/s")
+
+
+def _train_progress(quiet: bool):
+    """A rich bar (loss, it/s, ETA) on stderr and the callback :func:`vitreg.train.train` drives."""
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[loss]}"),
+        _StepsPerSecond(),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=quiet,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int, info: dict) -> None:
+        if stage == "epoch":
+            if not quiet:
+                stderr.print(_epoch_line(info, total))
+            return
+        description = f"epoch {info['epoch']}/{info['epochs']}" if stage == "train" else stage
+        if stage not in tasks or (stage == "train" and done == 1):
+            if stage in tasks:
+                bar.remove_task(tasks[stage])
+            tasks[stage] = bar.add_task(description, total=total, loss="")
+        loss = f"loss {info['loss']:.5f}" if "loss" in info else ""
+        bar.update(tasks[stage], completed=done, total=total, description=description, loss=loss)
+        if stage == "validate" and done == total:
+            bar.remove_task(tasks.pop(stage))
+
+    return bar, report
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    """One stderr line per finished epoch."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.5f}"]
+    for key, label, digits in (
+        ("val_loss", "val loss", 5),
+        ("val_dice", "val Dice", 4),
+        ("val_folding_percent", "% folded", 4),
+    ):
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.{digits}f}")
+    parts.append(f"{row['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+@app.command()
+def train(
+    data: Annotated[
+        Path, typer.Argument(help="CSV (image[,labels][,split] or fixed,moving,...) or a folder.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the run.")],
+    atlas: Annotated[
+        Path | None, typer.Option(help="Pair every image with this atlas (it is the fixed image).")
+    ] = None,
+    atlas_moving: Annotated[
+        bool, typer.Option(help="The atlas is the moving image (the IXI protocol).")
+    ] = False,
+    epochs: Annotated[int, typer.Option(help="Epochs (the paper: 500).")] = 500,
+    batch_size: Annotated[int, typer.Option(help="Pairs per step and process.")] = 2,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (poly decay, power 0.9).")] = 1e-4,
+    similarity: Annotated[str, typer.Option(help="mse (the paper) or ncc (local 9^3).")] = "mse",
+    reg_weight: Annotated[float, typer.Option(help="Weight of the diffusion term.")] = 0.02,
+    dice_weight: Annotated[
+        float, typer.Option(help="Weight of a soft Dice loss on the labels (0: off).")
+    ] = 0.0,
+    int_steps: Annotated[
+        int, typer.Option(help="Diffeomorphic: integrate a velocity in N steps (0: off).")
+    ] = 0,
+    flip: Annotated[bool, typer.Option(help="Random flips along each axis.")] = True,
+    dropout: Annotated[float, typer.Option(help="Dropout of the transformer.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    val_fraction: Annotated[
+        float, typer.Option(help="Held out for validation when no row says 'val'.")
+    ] = 0.1,
+    size: Annotated[
+        tuple[int, int, int], typer.Option(help="Frame grid D H W (multiples of 32).")
+    ] = (160, 192, 224),
+    spacing: Annotated[tuple[float, float, float], typer.Option(help="Frame voxel mm.")] = (
+        1.0,
+        1.0,
+        1.0,
+    ),
+    orientation: Annotated[str, typer.Option(help="Frame axis codes, e.g. LIA.")] = "LIA",
+    config: Annotated[
+        Path | None, typer.Option(help="JSON of ViT-V-Net config fields to change.")
+    ] = None,
+    init: Annotated[
+        str | None, typer.Option(help="Start from this checkpoint (its config and frame).")
+    ] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder (default OUTPUT/cache).")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue OUTPUT's run with the options it started with.")
+    ] = False,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Save and stop after this many minutes.")
+    ] = None,
+    no_bf16: Annotated[bool, typer.Option("--no-bf16", help="No bf16 autocast on CUDA.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress or messages.")] = False,
+) -> None:
+    """Train ViT-V-Net with the paper's recipe; resumable; torchrun for several GPUs.
+
+    Writes OUTPUT/best.safetensors (by validation Dice) and last.safetensors, which
+    'vitreg register --weights' takes directly, metrics.csv, curves.png and state.safetensors
+    (for --resume). Several GPUs: torchrun --nproc-per-node 4 -m vitreg.cli train ...
+
+    [bold]Example:[/bold] vitreg train subjects.csv -o run1 --epochs 500 --max-minutes 600
+    """
+    with user_errors():
+        from vitreg.frame import ModelFrame
+        from vitreg.nets.vitvnet import VitVNetConfig
+        from vitreg.train import TrainRecipe
+        from vitreg.train import train as run_training
+
+        recipe = TrainRecipe(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            flip=flip,
+            dropout=dropout,
+            similarity=similarity,
+            reg_weight=reg_weight,
+            dice_weight=dice_weight,
+            int_steps=int_steps,
+            seed=seed,
+            bf16=not no_bf16,
+            val_fraction=val_fraction,
+        )
+        frame = ModelFrame(orientation=orientation.upper(), spacing=spacing, shape=size)
+        net_config = None
+        if config is not None:
+            try:
+                changes = json.loads(config.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise VitregError(f"{config}: not a readable JSON file ({error})") from None
+            if not isinstance(changes, dict):
+                raise VitregError(f"{config}: expected a JSON object of config fields")
+            net_config = VitVNetConfig.from_dict({**VitVNetConfig().to_dict(), **changes})
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports
+        quiet = quiet or rank != 0
+        bar, report = _train_progress(quiet)
+        if resume and not quiet:
+            stderr.print(f"resuming {output / 'state.safetensors'} with its recorded options")
+        with bar:
+            result = run_training(
+                data,
+                output,
+                recipe,
+                frame=frame,
+                config=net_config,
+                init=init,
+                atlas=atlas,
+                atlas_is_moving=atlas_moving,
+                cache=cache,
+                resume=resume,
+                max_minutes=max_minutes,
+                device=device,
+                progress=report,
+            )
+        if rank != 0:
+            return
+        summary = {
+            "output": str(result.output),
+            "epochs_done": result.epochs_done,
+            "epochs": result.epochs,
+            "stopped_early": result.stopped_early,
+            "best_epoch": result.best_epoch,
+            "best_metric": result.best_metric,
+            "best_value": None if result.best_value is None else round(result.best_value, 6),
+            "best": str(result.best),
+            "last": str(result.last),
+        }
+        if result.stopped_early and not quiet:
+            stderr.print(f"time budget used; continue: vitreg train {data} -o {output} --resume")
+        if as_json:
+            print(json.dumps(summary))
+        elif not quiet:
+            _print_table("vitreg train", [(k, str(v)) for k, v in summary.items()])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 
 from vitreg.errors import VitregError
 from vitreg.image import Volume
-from vitreg.transform import flow_vox_to_mm, identity_grid, sample
+from vitreg.transform import flow_vox_to_mm, identity_grid, sample, sample_labels
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,30 @@ def frame_pair(
     affine registration): both are read through world coordinates onto the same grid.
     """
     affine = frame_affine(frame, foreground_center_mm(fixed))
-    framed = [
-        normalise(frame, resample(volume.data, volume.affine, affine, frame.shape, device))
-        for volume in (fixed, moving)
-    ]
+    framed = [frame_image(frame, volume, affine, device) for volume in (fixed, moving)]
     return FramedPair(fixed=framed[0], moving=framed[1], affine=affine)
+
+
+def frame_image(
+    frame: ModelFrame, volume: Volume, grid_affine: np.ndarray, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """An image resampled (trilinear) onto the frame grid ``grid_affine`` and normalised.
+
+    Returns (1, 1, D, H, W) float32 in [0, 1], (D, H, W) = ``frame.shape``.
+    """
+    return normalise(frame, resample(volume.data, volume.affine, grid_affine, frame.shape, device))
+
+
+def frame_labels(
+    frame: ModelFrame, labels: Volume, grid_affine: np.ndarray, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A label map read onto the frame grid ``grid_affine`` by exact nearest neighbour.
+
+    Returns (1, 1, D, H, W) int64 with the label values kept; 0 outside the source grid.
+    """
+    source = torch.as_tensor(np.ascontiguousarray(labels.data), device=device)[None, None]
+    coords = grid_coordinates(labels.affine, grid_affine, frame.shape).to(device)
+    return sample_labels(source.long(), coords)
 
 
 def flow_to_native_mm(

@@ -52,17 +52,34 @@ def _open(path: Path) -> nib.spatialimages.SpatialImage:
         raise VitregError(f"{path}: not a readable NIfTI/MGZ image ({error})") from None
 
 
-def _squeeze_to_3d(path: Path, array: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) or (X, Y, Z, 1...) -> (X, Y, Z); anything else is a user error."""
-    if array.ndim < 3:
-        raise VitregError(f"{path}: a {array.ndim}D image; vitreg needs a 3D volume")
-    extra = array.shape[3:]
-    if any(n != 1 for n in extra):
+def _check_3d_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(X, Y, Z) of an array shape (X, Y, Z) or (X, Y, Z, 1...); anything else is a user error."""
+    if len(shape) < 3:
+        raise VitregError(f"{path}: a {len(shape)}D image; vitreg needs a 3D volume")
+    if any(n != 1 for n in shape[3:]):
         raise VitregError(
-            f"{path}: a {array.ndim}D image of shape {array.shape}; vitreg needs a 3D volume "
+            f"{path}: a {len(shape)}D image of shape {tuple(shape)}; vitreg needs a 3D volume "
             "(or 4D with a single volume)"
         )
-    return array.reshape(array.shape[:3])
+    return tuple(int(n) for n in shape[:3])
+
+
+def _squeeze_to_3d(path: Path, array: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) or (X, Y, Z, 1...) -> (X, Y, Z); anything else is a user error."""
+    return array.reshape(_check_3d_shape(path, array.shape))
+
+
+def read_grid(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape (X, Y, Z) and voxel-to-world affine of an image from its header alone (no data).
+
+    Raises VitregError for a missing or unreadable file and for anything but one 3D volume.
+    """
+    path = Path(path)
+    image = _open(path)
+    shape = _check_3d_shape(path, tuple(image.shape))
+    if min(shape) < 2:
+        raise VitregError(f"{path}: shape {shape} is not a 3D volume (an axis of size 1)")
+    return shape, image.affine.astype(np.float64)
 
 
 def load_image(path: str | Path) -> Volume:

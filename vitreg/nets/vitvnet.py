@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitreg.errors import VitregError
-from vitreg.transform import warp
+from vitreg.transform import integrate_velocity, warp
 
 SIZE_MULTIPLE = 32  # /4 by the CNN encoder, /8 by the patch embedding
 
@@ -26,6 +26,8 @@ class VitVNetConfig:
     """Architecture of ViT-V-Net; the defaults are the published configuration.
 
     ``img_size`` is (D, H, W) in voxels and every entry must be a multiple of 32.
+    ``int_steps`` 0 (published) makes the head's output the displacement; N > 0 makes it a
+    stationary velocity integrated by N scaling-and-squaring steps (a diffeomorphic variant).
     """
 
     img_size: tuple[int, int, int] = (160, 192, 224)
@@ -43,9 +45,12 @@ class VitVNetConfig:
     decoder_channels: tuple[int, ...] = (96, 48, 32, 32, 16)
     skip_channels: tuple[int, ...] = field(default=(32, 32, 32, 32, 16))
     flow_init_std: float = 1e-5
+    int_steps: int = 0
 
     def __post_init__(self) -> None:
         check_size(self.img_size)
+        if self.int_steps < 0:
+            raise VitregError(f"int_steps must be >= 0, got {self.int_steps}")
         if self.hidden_size % self.num_heads:
             raise VitregError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -326,7 +331,8 @@ class VitVNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 2, D, H, W) moving+fixed -> flow (B, 3, D, H, W) in voxels."""
+        """(B, 2, D, H, W) moving+fixed -> flow (B, 3, D, H, W) in voxels (integrated if
+        ``config.int_steps``)."""
         if x.dim() != 5 or x.shape[1] != self.config.in_channels:
             raise VitregError(
                 f"ViT-V-Net expects input (B, {self.config.in_channels}, D, H, W) "
@@ -339,7 +345,10 @@ class VitVNet(nn.Module):
                 f"got input of size {tuple(x.shape[2:])}; rebuild it with that img_size"
             )
         tokens, skips = self.transformer(x)
-        return self.reg_head(self.decoder(tokens, skips))
+        flow = self.reg_head(self.decoder(tokens, skips))
+        if self.config.int_steps:
+            return integrate_velocity(flow.float(), self.config.int_steps)
+        return flow
 
     def register(
         self, moving: torch.Tensor, fixed: torch.Tensor

@@ -208,8 +208,15 @@ def test_train_lists_every_bad_csv_row_in_one_line_exit_2(pair, tmp_path):
 
 def test_every_command_help_has_an_example():
     for command in (
-        "register", "register-batch", "warp", "warp-labels", "jacobian", "dice", "qc",
-        "evaluate", "train",
+        "register",
+        "register-batch",
+        "warp",
+        "warp-labels",
+        "jacobian",
+        "dice",
+        "qc",
+        "evaluate",
+        "train",
     ):
         result = invoke(command, "--help")
         assert result.exit_code == 0

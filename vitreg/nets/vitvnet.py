@@ -380,6 +380,8 @@ class VitVNet(nn.Module):
         cnn = self.transformer.embeddings.hybrid_model
         inc = cnn.inc.double_conv
         *coarse_blocks, last = self.decoder.blocks
+        # Allocated outside inference mode: the caller gets an ordinary tensor, usable in autograd.
+        flow = x.new_empty((batch, self.reg_head[0].out_channels, depth, height, width))
         with torch.inference_mode():
             full = torch.empty(
                 (batch, inc[2].out_channels, depth, height, width),
@@ -407,7 +409,6 @@ class VitVNet(nn.Module):
             rows = _rows_through(rows, last.conv1[0], last.conv1[1:])
             rows = _rows_through(rows, last.conv2[0], last.conv2[1:])
             rows = _rows_through(rows, self.reg_head[0])
-            flow = x.new_empty((batch, self.reg_head[0].out_channels, depth, height, width))
             _write_rows(rows, flow)
         return flow
 

@@ -446,10 +446,14 @@ class VitVNet(nn.Module):
 
 
 def _rows_through(
-    chunks: Iterable[torch.Tensor], conv: nn.Conv3d, after: nn.Module | None = None
+    chunks: Iterable[torch.Tensor | tuple[torch.Tensor, ...]],
+    conv: nn.Conv3d,
+    after: nn.Module | None = None,
 ) -> Iterator[torch.Tensor]:
     """Stream (B, C, rows, H, W) chunks, in D order, through a k3/p1 ``conv`` (and ``after``).
 
+    A chunk may be a tuple of parts to join along channels (a decoder block's upsampled input
+    and its skip): they are copied once, straight into the buffer the convolution reads.
     Each chunk is joined to the last two input rows of the one before (a zero row at the
     volume's start and end stands for the convolution's padding), and the convolution runs
     unpadded along D: the output rows lag the input by one and the last comes when the input
@@ -458,13 +462,40 @@ def _rows_through(
     """
     carry = None
     for chunk in chunks:
-        rows = torch.cat([torch.zeros_like(chunk[:, :, :1]) if carry is None else carry, chunk], 2)
+        parts = chunk if isinstance(chunk, tuple) else (chunk,)
+        ahead = 1 if carry is None else 2
+        rows = _rows_buffer(
+            parts[0], sum(part.shape[1] for part in parts), ahead + parts[0].shape[2]
+        )
+        if carry is None:
+            rows[:, :, :1].zero_()
+        else:
+            rows[:, :, :2] = carry
+        channel = 0
+        for part in parts:
+            rows[:, channel : channel + part.shape[1], ahead:] = part
+            channel += part.shape[1]
         if rows.shape[2] >= 3:
             yield _conv_depth_valid(rows, conv, after)
         carry = rows[:, :, -2:].clone()  # a copy, so that the chunk itself can be freed
     if carry is not None:
-        rows = torch.cat([carry, torch.zeros_like(carry[:, :, :1])], 2)
+        rows = _rows_buffer(carry, carry.shape[1], 3)
+        rows[:, :, :2] = carry
+        rows[:, :, 2:].zero_()
         yield _conv_depth_valid(rows, conv, after)
+
+
+def _rows_buffer(like: torch.Tensor, channels: int, depth: int) -> torch.Tensor:
+    """Uninitialised (B, channels, depth, H, W) tensor in ``like``'s dtype, device and memory
+    order (channels last when ``like``'s channels are adjacent in memory, even in a slice)."""
+    batch, _, _, height, width = like.shape
+    channels_last = like.shape[1] > 1 and like.stride(1) == 1
+    return torch.empty(
+        (batch, channels, depth, height, width),
+        dtype=like.dtype,
+        device=like.device,
+        memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format,
+    )
 
 
 def _conv_depth_valid(rows: torch.Tensor, conv: nn.Conv3d, after: nn.Module | None) -> torch.Tensor:
@@ -504,10 +535,10 @@ def _upsampled_rows(volume: torch.Tensor, start: int, stop: int) -> torch.Tensor
 
 def _last_block_input(
     volume: torch.Tensor, skip: torch.Tensor | None, start: int, stop: int
-) -> torch.Tensor:
-    """Rows [start, stop) of the last decoder block's input: upsampled ``volume`` and skip."""
+) -> tuple[torch.Tensor, ...]:
+    """Rows [start, stop) of the last decoder block's input parts: upsampled ``volume``, skip."""
     up = _upsampled_rows(volume, start, stop)
-    return up if skip is None else torch.cat([up, skip[:, :, start:stop]], dim=1)
+    return (up,) if skip is None else (up, skip[:, :, start:stop])
 
 
 def resize_position_embeddings(

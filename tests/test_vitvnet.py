@@ -156,3 +156,119 @@ def test_int_steps_integrate_the_head_output_as_a_velocity():
         velocity = plain(moving_fixed)
         assert velocity.abs().max() > 1  # voxels: integration is not a no-op
         torch.testing.assert_close(diffeomorphic(moving_fixed), integrate_velocity(velocity, 4))
+
+
+def _spread_head(model: VitVNet) -> VitVNet:
+    """Re-draw the registration head so the flow spreads over ~1 voxel (a meaningful scale for
+    tolerances in voxels) and give the batch norms non-trivial statistics."""
+    with torch.no_grad():
+        model.reg_head[0].weight.normal_(std=0.2)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.normal_(std=0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 6, 100])
+def test_streamed_inference_equals_forward_bit_for_bit(rows_per_chunk):
+    # Batch 2 makes PyTorch's plain forward use oneDNN for every convolution, as it does at
+    # the published size; the streamed path then reproduces it exactly (max |diff| = 0).
+    torch.manual_seed(0)
+    config = VitVNetConfig(**{**SMALL.__dict__, "img_size": (32, 32, 32)})
+    model = _spread_head(VitVNet(config).eval())
+    moving_fixed = torch.rand(2, 2, *config.img_size)
+    with torch.inference_mode():
+        expected = model(moving_fixed)
+    flow = model.infer(moving_fixed, rows_per_chunk=rows_per_chunk, channels_last=False)
+    assert expected.std() > 0.1
+    assert torch.equal(flow, expected)
+
+
+def test_channels_last_inference_matches_forward_within_1e_5_voxel():
+    torch.manual_seed(0)
+    model = _spread_head(VitVNet(SMALL).eval())
+    moving_fixed = torch.rand(1, 2, *SMALL.img_size)
+    with torch.inference_mode():
+        expected = model(moving_fixed)
+    flow = model.infer(moving_fixed, rows_per_chunk=7)
+    assert flow.is_contiguous() and flow.shape == expected.shape
+    assert (flow - expected).abs().max() < 1e-5  # measured: ~1e-7 on a flow of std ~0.3 voxel
+
+
+def test_inference_needs_eval_mode_and_checks_its_input():
+    model = VitVNet(SMALL)
+    with pytest.raises(RuntimeError, match="eval"):
+        model.infer(torch.zeros(1, 2, *SMALL.img_size))
+    with pytest.raises(VitregError, match="built for size"):
+        model.eval().infer(torch.zeros(1, 2, 64, 64, 64))
+
+
+def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    config = VitVNetConfig(**{**SMALL.__dict__, "img_size": (32, 32, 32)})
+    moving_fixed = torch.rand(1, 2, *config.img_size)
+    gradients, kept = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        model = _spread_head(VitVNet(config)).eval().checkpoint_activations(checkpointing)
+        saved = []
+
+        def keep(tensor: torch.Tensor, saved: list = saved) -> torch.Tensor:
+            saved.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = model(moving_fixed).square().mean()
+        loss.backward()
+        kept.append(sum(saved))
+        gradients.append({n: p.grad for n, p in model.named_parameters()})
+    assert kept[1] < kept[0] / 3  # values held for the backward pass outside the recomputation
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_inference_fp32_and_bf16_match_the_cpu_forward():
+    torch.manual_seed(0)
+    model = _spread_head(VitVNet(SMALL).eval())
+    moving_fixed = torch.rand(1, 2, *SMALL.img_size)
+    with torch.inference_mode():
+        expected = model(moving_fixed)
+    model = model.cuda()
+    on_gpu = moving_fixed.cuda()
+    flow = model.infer(on_gpu, rows_per_chunk=SMALL.img_size[0]).cpu()
+    assert (flow - expected).abs().max() < 1e-3  # TF32 may be on for convolutions
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        flow_bf16 = model.infer(on_gpu, rows_per_chunk=SMALL.img_size[0]).float().cpu()
+    assert (flow_bf16 - expected).abs().max() < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_step_with_checkpointing_and_bf16_matches_fp32_gradients():
+    torch.manual_seed(0)
+    config = VitVNetConfig(**{**SMALL.__dict__, "dropout_rate": 0.0})
+    model = VitVNet(config).cuda().train()
+    moving_fixed = torch.rand(2, 2, *SMALL.img_size, device="cuda")
+    model(moving_fixed).square().mean().backward()
+    expected = model.reg_head[0].weight.grad.clone()
+    model.zero_grad()
+    model.checkpoint_activations(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(moving_fixed).float().square().mean()
+    loss.backward()
+    gradient = model.reg_head[0].weight.grad
+    assert torch.cosine_similarity(gradient.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_inference_integrates_a_diffeomorphic_config_like_forward():
+    torch.manual_seed(0)
+    model = _spread_head(VitVNet(replace(SMALL, int_steps=4)).eval())
+    moving_fixed = torch.rand(1, 2, *SMALL.img_size)
+    with torch.inference_mode():
+        expected = model(moving_fixed)
+    flow = model.infer(moving_fixed, rows_per_chunk=5)
+    assert not flow.is_inference()
+    assert (flow - expected).abs().max() < 1e-4

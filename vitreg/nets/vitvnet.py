@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from vitreg.errors import VitregError
 from vitreg.transform import integrate_velocity, warp
 
 SIZE_MULTIPLE = 32  # /4 by the CNN encoder, /8 by the patch embedding
+_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,13 @@ def check_size(img_size: tuple[int, ...]) -> None:
         )
 
 
+def _run(module: nn.Module, *inputs: torch.Tensor | None, checkpoint: bool) -> torch.Tensor:
+    """``module(*inputs)``, under activation checkpointing when asked and autograd is on."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module, *inputs, use_reentrant=False)
+    return module(*inputs)
+
+
 class DoubleConv(nn.Module):
     """(Conv3d k3 + ReLU) x 2, with bias and no normalisation (the official CNN encoder)."""
 
@@ -131,11 +141,15 @@ class CNNEncoder(nn.Module):
         self.inc = DoubleConv(config.in_channels, c[0])
         self.down1 = Down(c[0], c[1])
         self.down2 = Down(c[1], c[2])
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        full = self.inc(x)
-        half = self.down1(full)
-        quarter = self.down2(half)
+        return self.from_full(_run(self.inc, x, checkpoint=self.checkpointing))
+
+    def from_full(self, full: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The rest of the encoder from ``inc``'s output ``full`` (B, C0, D, H, W)."""
+        half = _run(self.down1, full, checkpoint=self.checkpointing)
+        quarter = _run(self.down2, half, checkpoint=self.checkpointing)
         skips = [full, half, quarter]
         pooled = quarter
         for _ in range(self.down_num):
@@ -163,8 +177,12 @@ class Embeddings(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         quarter, skips = self.hybrid_model(x)
-        tokens = self.patch_embeddings(quarter).flatten(2).transpose(-1, -2)  # (B, N, hidden)
-        return self.dropout(tokens + self.position_embeddings), skips
+        return self.tokens(quarter), skips
+
+    def tokens(self, quarter: torch.Tensor) -> torch.Tensor:
+        """(B, C, D/4, H/4, W/4) encoder map -> (B, N, hidden) embedded tokens."""
+        tokens = self.patch_embeddings(quarter).flatten(2).transpose(-1, -2)
+        return self.dropout(tokens + self.position_embeddings)
 
 
 class Attention(nn.Module):
@@ -236,10 +254,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
         self.encoder_norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.layer:
-            x = block(x)
+            x = _run(block, x, checkpoint=self.checkpointing)
         return self.encoder_norm(x)
 
 
@@ -292,14 +311,19 @@ class DecoderCup(nn.Module):
             DecoderBlock(i, o, s)
             for i, o, s in zip(ins, config.decoder_channels, config.skip_channels, strict=True)
         )
+        self.checkpointing = False
 
     def forward(self, tokens: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        batch, _, hidden = tokens.shape
-        x = tokens.transpose(1, 2).reshape(batch, hidden, *self.token_grid)
-        x = self.conv_more(x)
+        x = self.volume(tokens)
         for index, block in enumerate(self.blocks):
-            x = block(x, skips[index] if index < len(skips) else None)
+            skip = skips[index] if index < len(skips) else None
+            x = _run(block, x, skip, checkpoint=self.checkpointing)
         return x
+
+    def volume(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, hidden) tokens -> ``conv_more`` output (B, C, D/32, H/32, W/32)."""
+        batch, _, hidden = tokens.shape
+        return self.conv_more(tokens.transpose(1, 2).reshape(batch, hidden, *self.token_grid))
 
 
 class RegistrationHead(nn.Sequential):
@@ -333,6 +357,86 @@ class VitVNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 2, D, H, W) moving+fixed -> flow (B, 3, D, H, W) in voxels (integrated if
         ``config.int_steps``)."""
+        self._check_input(x)
+        tokens, skips = self.transformer(x)
+        return self._integrated(self.reg_head(self.decoder(tokens, skips)))
+
+    def infer(
+        self, x: torch.Tensor, rows_per_chunk: int = 16, channels_last: bool = True
+    ) -> torch.Tensor:
+        """The eval-mode forward with a fraction of the memory: (B, 2, D, H, W) -> flow voxels.
+
+        The full-resolution layers (the encoder's first double convolution, the last decoder
+        block and the registration head) stream through the volume in chunks of
+        ``rows_per_chunk`` rows along D, keeping two rows of each layer's input between
+        chunks, so no row is computed twice and the only whole full-resolution tensors are
+        the first skip and the flow. With ``channels_last`` the convolutions run in
+        channels-last 3D memory order (several times faster in oneDNN on CPU; the rounding
+        differs from :meth:`forward` by about 1e-6 relative); without it the flow equals
+        :meth:`forward`'s bit for bit. Runs under ``torch.inference_mode``; needs eval mode.
+        """
+        self._check_input(x)
+        if self.training:
+            raise RuntimeError("VitVNet.infer runs the eval-mode network: call model.eval()")
+        if rows_per_chunk < 1:
+            raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
+        layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+        batch, _, depth, height, width = x.shape
+        starts = range(0, depth, rows_per_chunk)
+        cnn = self.transformer.embeddings.hybrid_model
+        inc = cnn.inc.double_conv
+        *coarse_blocks, last = self.decoder.blocks
+        # Allocated outside inference mode: the caller gets an ordinary tensor, usable in autograd.
+        flow = x.new_empty((batch, self.reg_head[0].out_channels, depth, height, width))
+        with torch.inference_mode():
+            full = torch.empty(
+                (batch, inc[2].out_channels, depth, height, width),
+                dtype=x.dtype,
+                device=x.device,
+                memory_format=layout,
+            )
+            rows = (x[:, :, a : a + rows_per_chunk] for a in starts)
+            rows = (chunk.contiguous(memory_format=layout) for chunk in rows)
+            rows = _rows_through(_rows_through(rows, inc[0], inc[1]), inc[2], inc[3])
+            _write_rows(rows, full)
+            quarter, skips = cnn.from_full(full)
+            tokens = self.transformer.encoder(self.transformer.embeddings.tokens(quarter))
+            volume = self.decoder.volume(tokens)
+            if channels_last:  # otherwise keep forward's strides, and so its exact kernels
+                volume = volume.contiguous(memory_format=layout)
+            del full, quarter, tokens
+            for index, block in enumerate(coarse_blocks):
+                volume = block(volume, skips[index] if index < len(skips) else None)
+            skip = skips[len(coarse_blocks)] if len(skips) > len(coarse_blocks) else None
+            skips.clear()  # the coarser skips can go; ``skip`` keeps the full-resolution one
+            rows = (
+                _last_block_input(volume, skip, a, min(a + rows_per_chunk, depth)) for a in starts
+            )
+            rows = _rows_through(rows, last.conv1[0], last.conv1[1:])
+            rows = _rows_through(rows, last.conv2[0], last.conv2[1:])
+            rows = _rows_through(rows, self.reg_head[0])
+            _write_rows(rows, flow)
+        if self.config.int_steps:
+            with torch.no_grad():  # not inference mode: the caller gets an ordinary tensor
+                flow = self._integrated(flow)
+        return flow
+
+    def checkpoint_activations(self, enabled: bool = True) -> VitVNet:
+        """Recompute each encoder stage, transformer block and decoder block in the backward
+        pass instead of storing its activations (training memory for time). Returns self."""
+        for part in (self.transformer.embeddings.hybrid_model, self.transformer.encoder):
+            part.checkpointing = enabled
+        self.decoder.checkpointing = enabled
+        return self
+
+    def _integrated(self, flow: torch.Tensor) -> torch.Tensor:
+        """The head's output as a flow: integrated as a stationary velocity when
+        ``config.int_steps`` > 0 (scaling and squaring), else unchanged."""
+        if self.config.int_steps:
+            return integrate_velocity(flow.float(), self.config.int_steps)
+        return flow
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.config.in_channels:
             raise VitregError(
                 f"ViT-V-Net expects input (B, {self.config.in_channels}, D, H, W) "
@@ -344,11 +448,6 @@ class VitVNet(nn.Module):
                 f"ViT-V-Net was built for size {tuple(self.config.img_size)}, "
                 f"got input of size {tuple(x.shape[2:])}; rebuild it with that img_size"
             )
-        tokens, skips = self.transformer(x)
-        flow = self.reg_head(self.decoder(tokens, skips))
-        if self.config.int_steps:
-            return integrate_velocity(flow.float(), self.config.int_steps)
-        return flow
 
     def register(
         self, moving: torch.Tensor, fixed: torch.Tensor
@@ -356,6 +455,106 @@ class VitVNet(nn.Module):
         """Moving and fixed (B, 1, D, H, W) -> (warped moving (B, 1, D, H, W), flow in voxels)."""
         flow = self(torch.cat([moving, fixed], dim=1))
         return warp(moving, flow), flow
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth-chunked evaluation of full-resolution layers (VitVNet.infer)
+
+
+def _rows_through(
+    chunks: Iterable[torch.Tensor | tuple[torch.Tensor, ...]],
+    conv: nn.Conv3d,
+    after: nn.Module | None = None,
+) -> Iterator[torch.Tensor]:
+    """Stream (B, C, rows, H, W) chunks, in D order, through a k3/p1 ``conv`` (and ``after``).
+
+    A chunk may be a tuple of parts to join along channels (a decoder block's upsampled input
+    and its skip): they are copied once, straight into the buffer the convolution reads.
+    Each chunk is joined to the last two input rows of the one before (a zero row at the
+    volume's start and end stands for the convolution's padding), and the convolution runs
+    unpadded along D: the output rows lag the input by one and the last comes when the input
+    ends. Every output row is computed once, from exactly the inputs the whole-volume
+    convolution would use.
+    """
+    carry = None
+    for chunk in chunks:
+        parts = chunk if isinstance(chunk, tuple) else (chunk,)
+        ahead = 1 if carry is None else 2
+        rows = _rows_buffer(
+            parts[0], sum(part.shape[1] for part in parts), ahead + parts[0].shape[2]
+        )
+        if carry is None:
+            rows[:, :, :1].zero_()
+        else:
+            rows[:, :, :2] = carry
+        channel = 0
+        for part in parts:
+            rows[:, channel : channel + part.shape[1], ahead:] = part
+            channel += part.shape[1]
+        if rows.shape[2] >= 3:
+            yield _conv_depth_valid(rows, conv, after)
+        carry = rows[:, :, -2:].clone()  # a copy, so that the chunk itself can be freed
+    if carry is not None:
+        rows = _rows_buffer(carry, carry.shape[1], 3)
+        rows[:, :, :2] = carry
+        rows[:, :, 2:].zero_()
+        yield _conv_depth_valid(rows, conv, after)
+
+
+def _rows_buffer(like: torch.Tensor, channels: int, depth: int) -> torch.Tensor:
+    """Uninitialised (B, channels, depth, H, W) tensor in ``like``'s dtype, device and memory
+    order (channels last when ``like``'s channels are adjacent in memory, even in a slice)."""
+    batch, _, _, height, width = like.shape
+    channels_last = like.shape[1] > 1 and like.stride(1) == 1
+    return torch.empty(
+        (batch, channels, depth, height, width),
+        dtype=like.dtype,
+        device=like.device,
+        memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format,
+    )
+
+
+def _conv_depth_valid(rows: torch.Tensor, conv: nn.Conv3d, after: nn.Module | None) -> torch.Tensor:
+    """``conv`` (kernel 3, padding 1, stride 1) without its padding along D, then ``after``."""
+    padding = (0, 1, 1)
+    if rows.device.type == "cpu" and rows.dtype == torch.float32 and _ONEDNN:
+        # PyTorch sends thin batch-1 inputs (N*C*D*H <= 20480) to its slow im2col kernel;
+        # chunks are thin by design, so ask oneDNN (what the whole volume gets) directly.
+        out = torch.mkldnn_convolution(
+            rows, conv.weight, conv.bias, padding, conv.stride, conv.dilation, conv.groups
+        )
+    else:
+        out = F.conv3d(rows, conv.weight, conv.bias, padding=padding)
+    return out if after is None else after(out)
+
+
+def _write_rows(chunks: Iterable[torch.Tensor], out: torch.Tensor) -> None:
+    """Copy consecutive D-chunks into ``out`` (B, C, D, H, W) from row 0 on."""
+    start = 0
+    for chunk in chunks:
+        out[:, :, start : start + chunk.shape[2]] = chunk
+        start += chunk.shape[2]
+    if start != out.shape[2]:
+        raise RuntimeError(f"streamed {start} rows into a volume of depth {out.shape[2]}")
+
+
+def _upsampled_rows(volume: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the x2 trilinear upsampling (align_corners=False) of ``volume``,
+    (B, C, D, H, W) -> (B, C, stop - start, 2H, 2W), from only the rows of ``volume`` they
+    read (one more on each side, so that edge clamping happens only at the true edges)."""
+    low, high = max(0, start // 2 - 1), min(volume.shape[2], (stop + 1) // 2 + 1)
+    up = F.interpolate(
+        volume[:, :, low:high], scale_factor=2, mode="trilinear", align_corners=False
+    )
+    return up[:, :, start - 2 * low : stop - 2 * low]
+
+
+def _last_block_input(
+    volume: torch.Tensor, skip: torch.Tensor | None, start: int, stop: int
+) -> tuple[torch.Tensor, ...]:
+    """Rows [start, stop) of the last decoder block's input parts: upsampled ``volume``, skip."""
+    up = _upsampled_rows(volume, start, stop)
+    return (up,) if skip is None else (up, skip[:, :, start:stop])
 
 
 def resize_position_embeddings(

@@ -44,6 +44,10 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 PATH_SUFFIXES = (SUFFIX, ".pth", ".pt", ".tar", ".ckpt", ".bin")
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60
+# What a model outputs, recorded in the checkpoint recipe as {"output": ...}; training writes
+# VELOCITY for diffeomorphic models (integrated by scaling and squaring).
+OUTPUT_KEY = "output"
+DISPLACEMENT, VELOCITY = "displacement", "velocity"
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``report(bytes_done, bytes_total)`` while a download runs."""
@@ -502,6 +506,21 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         state_dict=state,
         path=path,
     )
+
+
+def outputs_velocity(checkpoint: Checkpoint) -> bool:
+    """Whether the model's output is a stationary velocity (recipe ``"output": "velocity"``).
+
+    Checkpoints without the key output displacements (the official ViT-V-Net ones); see
+    :func:`vitreg.transform.displacement_from_output` for how either is read.
+    """
+    output = checkpoint.recipe.get(OUTPUT_KEY, DISPLACEMENT)
+    if output not in (DISPLACEMENT, VELOCITY):
+        raise VitregError(
+            f"{checkpoint.path}: recipe {OUTPUT_KEY!r} is {output!r}; expected "
+            f"{DISPLACEMENT!r} or {VELOCITY!r}"
+        )
+    return output == VELOCITY
 
 
 def build_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> VitVNet:

@@ -13,7 +13,14 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from tests.volumes import blob_image, grid_affine, rotation, write
+from tests.volumes import (
+    ball_and_shell,
+    blob_image,
+    grid_affine,
+    rotation,
+    simpleitk_applies_flow,
+    write,
+)
 from vitreg.cli import app
 
 runner = CliRunner()
@@ -51,6 +58,7 @@ def registered(pair):
         "register", pair / "fixed.nii.gz", pair / "moving.nii.gz",
         "-o", pair / "warped.nii.gz", "--flow", pair / "flow.nii.gz",
         "--weights", "none", "--optimize", "30", "--json",
+        "--affine-out", pair / "affine.mat", "--inverse-flow", pair / "inverse.nii.gz",
         "--fixed-labels", pair / "fixed_labels.nii.gz",
         "--moving-labels", pair / "moving_labels.nii.gz",
     )  # fmt: skip
@@ -71,18 +79,10 @@ def test_register_writes_warped_on_the_fixed_header(registered):
 
 def test_simpleitk_applying_the_itk_flow_reproduces_warped(registered):
     folder, _ = registered
-    transform = sitk.DisplacementFieldTransform(
-        sitk.Cast(sitk.ReadImage(str(folder / "flow.nii.gz")), sitk.sitkVectorFloat64)
+    # The flow includes the affine pre-alignment: applied alone, it reproduces WARPED.
+    theirs = simpleitk_applies_flow(
+        folder / "flow.nii.gz", folder / "moving.nii.gz", folder / "fixed.nii.gz"
     )
-    theirs = sitk.Resample(
-        sitk.ReadImage(str(folder / "moving.nii.gz")),
-        sitk.ReadImage(str(folder / "fixed.nii.gz")),
-        transform,
-        sitk.sitkLinear,
-        0.0,
-        sitk.sitkFloat32,
-    )
-    theirs = sitk.GetArrayFromImage(theirs).transpose(2, 1, 0)
     ours = nib.load(str(folder / "warped.nii.gz")).get_fdata()
     head = nib.load(str(folder / "fixed.nii.gz")).get_fdata() > 0
     assert np.corrcoef(ours[head], theirs[head])[0, 1] > 0.999
@@ -242,3 +242,50 @@ def test_installed_entry_point_runs(pair, tmp_path):
         text=True,
     )
     assert missing.returncode == 2 and "vitreg: error:" in missing.stderr
+
+
+def test_register_writes_the_affine_and_an_inverse_flow(registered):
+    folder, summary = registered
+    affine = np.array(summary["affine_ras"])
+    assert not np.allclose(affine, np.eye(4), atol=1e-3)  # the flow above includes an affine
+    transform = sitk.ReadTransform(str(folder / "affine.mat"))
+    flip = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS
+    point = np.array([10.0, -20.0, 30.0])
+    theirs = flip @ np.array(transform.TransformPoint((flip @ point).tolist()))
+    np.testing.assert_allclose(theirs, affine[:3, :3] @ point + affine[:3, 3], atol=1e-3)
+    inverse = nib.load(str(folder / "inverse.nii.gz"))
+    moving = nib.load(str(folder / "moving.nii.gz"))
+    assert inverse.shape == (*moving.shape, 1, 3)
+    np.testing.assert_allclose(inverse.affine, moving.affine, atol=1e-6)
+    assert summary["inverse_residual_mean_mm"] < 0.5
+    # The fixed labels pulled onto the moving grid through the inverse overlap the moving ones.
+    out = folder / "fixed_labels_on_moving.nii.gz"
+    result = invoke("warp-labels", folder / "fixed_labels.nii.gz", folder / "inverse.nii.gz",
+                    "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    moving_labels = nib.load(str(folder / "moving_labels.nii.gz")).get_fdata()
+    pulled = nib.load(str(out)).get_fdata()
+    both = (pulled > 0) & (moving_labels > 0)
+    assert 2 * both.sum() / ((pulled > 0).sum() + (moving_labels > 0).sum()) > 0.8
+
+
+def test_heads_that_do_not_overlap_exit_2_unless_affine_failure_is_allowed(tmp_path):
+    ball, shell = ball_and_shell((32, 32, 32))
+    affine = grid_affine(np.diag([2.0, 2.0, 2.0]), ball.shape)
+    fixed = write(tmp_path / "ball.nii.gz", ball, affine)
+    moving = write(tmp_path / "shell.nii.gz", shell, affine)
+    out = tmp_path / "out.nii.gz"
+    result = invoke("register", fixed, moving, "-o", out, "--weights", "none")
+    assert result.exit_code == 2, result.output
+    # The direction line comes first (the affine runs after it); the error is one line.
+    errors = [line for line in result.output.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0] == result.output.strip().splitlines()[-1]
+    line = errors[0]
+    assert line.startswith("vitreg: error:")
+    assert "ball.nii.gz" in line and "shell.nii.gz" in line and "do not overlap" in line
+    assert not out.exists()
+    result = invoke(
+        "register", fixed, moving, "-o", out, "--weights", "none", "--allow-affine-failure",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.output and out.exists()

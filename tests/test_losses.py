@@ -7,7 +7,16 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from vitreg.errors import VitregError
-from vitreg.losses import box_sum, diffusion, local_ncc, mse, paper_objective, soft_dice
+from vitreg.losses import (
+    bending_energy,
+    box_sum,
+    diffusion,
+    local_ncc,
+    mse,
+    mutual_information,
+    paper_objective,
+    soft_dice,
+)
 
 
 def smooth_image(shape: tuple[int, ...], seed: int, sigma: float = 2.0) -> torch.Tensor:
@@ -150,3 +159,38 @@ def test_paper_objective_is_mse_plus_weighted_diffusion() -> None:
     torch.testing.assert_close(paper_objective(fixed, warped, flow, weight=0.5), expected)
     with pytest.raises(VitregError, match="matching fixed"):
         paper_objective(fixed, warped, flow[:, :, :5])
+
+
+def unit_image(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A smooth (1, 1, *shape) float32 image scaled to [0, 1]."""
+    image = smooth_image(shape, seed).float()
+    return (image - image.min()) / (image.max() - image.min())
+
+
+def test_mutual_information_is_lower_for_aligned_images() -> None:
+    fixed = unit_image((24, 24, 24), seed=1)
+    contrast = 1.0 - fixed**2  # another contrast of the same anatomy: MI sees through it
+    shifted = torch.roll(contrast, shifts=4, dims=2)
+    aligned, misaligned = mutual_information(fixed, contrast), mutual_information(fixed, shifted)
+    assert float(aligned) < float(misaligned) < 0
+    entropy_bound = float(np.log(32))
+    assert -float(aligned) <= entropy_bound
+
+
+def test_mutual_information_has_gradients() -> None:
+    fixed = unit_image((12, 12, 12), seed=4)
+    warped = unit_image((12, 12, 12), seed=5).requires_grad_(True)
+    mutual_information(fixed, warped).backward()
+    assert warped.grad is not None and torch.isfinite(warped.grad).all()
+    assert float(warped.grad.abs().sum()) > 0
+
+
+def test_bending_energy_is_zero_for_affine_and_analytic_for_quadratic() -> None:
+    grid = torch.stack(torch.meshgrid(*[torch.arange(8.0)] * 3, indexing="ij"))[None]
+    linear = torch.einsum("ij,bj...->bi...", torch.tensor([[0.1, 0.2, 0.0]] * 3), grid) + 1.5
+    assert float(bending_energy(linear)) == pytest.approx(0.0, abs=1e-9)
+    quadratic = torch.zeros(1, 3, 8, 8, 8)
+    quadratic[:, 0] = 0.5 * grid[:, 0] ** 2  # u_0 = d^2 / 2: second derivative 1 along D
+    # Only channel 0 has u_dd = 1, so the mean over the 3 channels is 1/3.
+    assert float(bending_energy(quadratic)) == pytest.approx(1 / 3)
+    assert float(diffusion(linear)) > 0

@@ -71,3 +71,34 @@ def write_head_set(folder: Path, count: int, shape=(36, 40, 34), spacing=2.0) ->
             )
         )
     return paths
+
+
+def ball_and_shell(shape=(40, 40, 40)) -> tuple[np.ndarray, np.ndarray]:
+    """A small solid ball and a hollow shell around the same centre, (X, Y, Z) float32 each.
+
+    Centred on each other (as centre-of-mass initialisation puts them) they share no voxel.
+    """
+    index = np.indices(shape).astype(float)
+    center = (np.asarray(shape) - 1) / 2
+    radius = np.sqrt(sum((index[i] - center[i]) ** 2 for i in range(3)))
+    ball = np.where(radius < 0.15 * shape[0], 1000.0, 0.0)
+    shell = np.where((radius > 0.35 * shape[0]) & (radius < 0.45 * shape[0]), 1000.0, 0.0)
+    return ball.astype(np.float32), shell.astype(np.float32)
+
+
+def simpleitk_applies_flow(flow: Path, moving: Path, fixed: Path) -> np.ndarray:
+    """MOVING resampled onto FIXED by SimpleITK with the ITK displacement field FLOW: (X, Y, Z)."""
+    import SimpleITK as sitk
+
+    transform = sitk.DisplacementFieldTransform(
+        sitk.Cast(sitk.ReadImage(str(flow)), sitk.sitkVectorFloat64)
+    )
+    resampled = sitk.Resample(
+        sitk.ReadImage(str(moving)),
+        sitk.ReadImage(str(fixed)),
+        transform,
+        sitk.sitkLinear,
+        0.0,
+        sitk.sitkFloat32,
+    )
+    return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)

@@ -120,35 +120,73 @@ def register(
         Path | None, typer.Option("--qc", help="Also write a QC figure (PNG, see 'vitreg qc').")
     ] = None,
     offline: Annotated[bool, typer.Option(help="Never download weights.")] = False,
+    affine: Annotated[
+        bool, typer.Option(help="Affine pre-alignment (moments, rigid, affine by MI) first.")
+    ] = True,
+    affine_out: Annotated[
+        Path | None, typer.Option(help="Write the affine as an ITK .mat (ANTs) or .tfm file.")
+    ] = None,
+    allow_affine_failure: Annotated[
+        bool, typer.Option(help="If the affine fails, warn and go on with the centring only.")
+    ] = False,
+    diffeo: Annotated[
+        bool, typer.Option(help="Diffeomorphic: integrate a stationary velocity (no folding).")
+    ] = False,
+    inverse_flow: Annotated[
+        Path | None, typer.Option(help="Moving-to-fixed flow out, on MOVING's grid (ITK).")
+    ] = None,
+    similarity: Annotated[
+        str, typer.Option(help="--optimize similarity: ncc (local), mse or mi (mutual info).")
+    ] = "ncc",
+    regularizer: Annotated[
+        str, typer.Option(help="--optimize penalty: diffusion or bending.")
+    ] = "diffusion",
+    levels: Annotated[
+        str, typer.Option(help="--optimize coarse-to-fine downsampling factors, e.g. 4,2,1.")
+    ] = "4,2",
+    dice_weight: Annotated[
+        float, typer.Option(help="--optimize Dice guidance weight (needs both label maps).")
+    ] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress or messages.")] = False,
 ) -> None:
     """Register MOVING to FIXED; write the warped image (and the flow) on FIXED's grid.
 
-    The inputs must already be roughly aligned in world space (e.g. after FreeSurfer or an
-    affine step). Outputs carry FIXED's header. The ITK flow applies with
-    antsApplyTransforms -t flow.nii.gz.
+    An affine pre-alignment runs first (--no-affine: the inputs must then be roughly aligned
+    in world space already); the written flow includes it, so WARPED is one resampling of
+    MOVING and the ITK flow applies alone with antsApplyTransforms -t flow.nii.gz. Outputs
+    carry FIXED's header; --inverse-flow carries MOVING's.
 
     [bold]Example:[/bold] vitreg register fixed.nii.gz moving.nii.gz -o warped.nii.gz
-    --flow flow.nii.gz --weights none --optimize 100
+    --flow flow.nii.gz --affine-out affine.mat --inverse-flow inverse.nii.gz --diffeo
+    --weights none --optimize 100
     """
     with user_errors():
+        from vitreg.affine import check_affine_path, save_affine
         from vitreg.field import check_flow_writable, check_same_grid, save_flow
         from vitreg.image import Volume, check_writable, load_image, load_labels, save
         from vitreg.qc import check_png_writable, qc_figure
-        from vitreg.register import choose_device, dice_before_after
+        from vitreg.register import choose_device, dice_before_after, invert
         from vitreg.register import register as run_registration
 
         if flow_format not in ("itk", "voxel"):
             raise VitregError(f"--flow-format {flow_format}: expected itk or voxel")
         if (fixed_labels is None) != (moving_labels is None):
             raise VitregError("--fixed-labels and --moving-labels go together")
+        if dice_weight > 0 and fixed_labels is None:
+            raise VitregError("--dice-weight needs --fixed-labels and --moving-labels")
+        if affine_out is not None and not affine:
+            raise VitregError(f"{affine_out}: --affine-out needs the affine step (not --no-affine)")
+        level_factors = _parse_levels(levels)
         choose_device(device)
         check_writable(output)
-        if flow is not None:
-            check_flow_writable(flow, flow_format)
+        for path in (flow, inverse_flow):
+            if path is not None:
+                check_flow_writable(path, flow_format)
         if qc is not None:
             check_png_writable(qc)
+        if affine_out is not None:
+            check_affine_path(affine_out)
         fixed_volume, moving_volume = load_image(fixed), load_image(moving)
         label_pair = None
         if fixed_labels is not None and moving_labels is not None:
@@ -169,13 +207,29 @@ def register(
                 smoothness=smoothness,
                 device=device,
                 progress=_stage_reporter(bar),
+                affine=affine,
+                allow_affine_failure=allow_affine_failure,
+                diffeo=diffeo,
+                levels=level_factors,
+                similarity=similarity,
+                regularizer=regularizer,
+                labels=label_pair if dice_weight > 0 else None,
+                dice_weight=dice_weight,
             )
+            inverse = invert(result, moving_volume) if inverse_flow is not None else None
+        for warning in result.warnings:
+            stderr.print(f"[yellow]vitreg: warning:[/] {warning}", highlight=False)
         save(output, result.warped.astype("float32"), fixed_volume)
         if flow is not None:
             save_flow(flow, result.field, flow_format)
         if qc is not None:
             warped_volume = Volume(result.warped, fixed_volume.affine, fixed_volume.header, output)
             qc_figure(qc, fixed_volume, moving_volume, warped_volume, result.field)
+
+        if inverse is not None:
+            save_flow(inverse_flow, inverse.field, flow_format)
+        if affine_out is not None:
+            save_affine(affine_out, result.affine_ras)
         summary = {
             "fixed": str(fixed),
             "moving": str(moving),
@@ -185,15 +239,28 @@ def register(
             "weights": weights_name,
             "optimize_steps": optimize,
             "smoothness": smoothness,
+            "affine": affine,
+            "affine_out": str(affine_out) if affine_out else None,
+            "diffeo": diffeo,
+            "similarity": similarity,
+            "regularizer": regularizer,
+            "levels": list(level_factors),
+            "dice_weight": dice_weight,
             "device": result.device,
             "seconds": round(result.seconds, 2),
             "ncc_before": round(result.ncc_before, 4),
             "ncc_after": round(result.ncc_after, 4),
         }
+        if inverse is not None:
+            summary["inverse_flow"] = str(inverse_flow)
+            summary["inverse_exact"] = inverse.exact
+            summary["inverse_residual_mean_mm"] = round(inverse.residual_mean_mm, 4)
+            summary["inverse_residual_max_mm"] = round(inverse.residual_max_mm, 4)
         if label_pair is not None:
             before, after = dice_before_after(*label_pair, result.field)
             summary["dice_before"], summary["dice_after"] = round(before, 4), round(after, 4)
         if as_json:
+            summary["affine_ras"] = result.affine_ras.round(6).tolist()
             print(json.dumps(summary))
         elif not quiet:
             _print_table("vitreg register", [(k, str(v)) for k, v in summary.items()])
@@ -440,6 +507,14 @@ def _print_summary(summary: dict, groups: bool) -> None:
             for name, stats in sorted(values["groups"].items()):
                 group_table.add_row(name, _cell(stats, 3))
             stdout.print(group_table)
+
+
+def _parse_levels(text: str) -> tuple[int, ...]:
+    """'4,2,1' -> (4, 2, 1); a bad entry is a user error."""
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise VitregError(f"--levels {text!r}: expected comma-separated integers") from None
 
 
 @app.command()

@@ -11,7 +11,14 @@ import torch
 from vitreg.errors import VitregError
 from vitreg.frame import grid_coordinates
 from vitreg.image import Volume, check_writable, load_raw, save
-from vitreg.transform import flow_mm_to_vox, flow_vox_to_mm, ras_to_lps, sample, sample_labels
+from vitreg.transform import (
+    flow_mm_to_vox,
+    flow_vox_to_mm,
+    identity_grid,
+    ras_to_lps,
+    sample,
+    sample_labels,
+)
 
 FLOW_FORMATS = ("itk", "voxel")
 
@@ -78,6 +85,32 @@ def load_flow(path: str | Path) -> DisplacementField:
         data=np.zeros(data.shape[:3], dtype=np.uint8), affine=affine, header=header, path=path
     )
     return DisplacementField(disp_mm=disp_mm.float(), grid=grid)
+
+
+def affine_displacement(grid: Volume, affine_ras: np.ndarray) -> torch.Tensor:
+    """``A(x) - x`` at every voxel x of ``grid``: (1, 3, X, Y, Z) RAS mm, float32.
+
+    ``affine_ras`` is a 4x4 map of world points (RAS+ mm), e.g. fixed -> moving.
+    """
+    index = identity_grid(grid.shape, dtype=torch.float64)
+    world_from_index = torch.as_tensor(np.asarray(grid.affine, dtype=np.float64))
+    moved = torch.as_tensor(np.asarray(affine_ras, dtype=np.float64) - np.eye(4)) @ (
+        world_from_index
+    )
+    linear, shift = moved[:3, :3], moved[:3, 3].view(1, 3, 1, 1, 1)
+    return (torch.einsum("ij,bj...->bi...", linear, index) + shift).float()
+
+
+def with_affine(field: DisplacementField, affine_ras: np.ndarray) -> DisplacementField:
+    """The field of ``x -> A(x + disp(x))``: the dense pull ``field`` then the affine ``A``.
+
+    ``affine_ras`` (4x4, RAS mm) maps the field's target world to the moving world, so one
+    resampling of the moving image with the result equals the two steps.
+    """
+    linear = torch.as_tensor(np.asarray(affine_ras)[:3, :3], dtype=field.disp_mm.dtype)
+    dense = torch.einsum("ij,bj...->bi...", linear.to(field.disp_mm.device), field.disp_mm)
+    disp = affine_displacement(field.grid, affine_ras).to(dense.device) + dense
+    return DisplacementField(disp_mm=disp, grid=field.grid)
 
 
 def check_same_grid(a: Volume, b: Volume) -> None:

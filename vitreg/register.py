@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,27 +11,61 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitreg.affine import estimate_affine, in_fixed_world
 from vitreg.errors import VitregError
-from vitreg.field import DisplacementField, check_same_grid, warp_image, warp_labels_nearest
-from vitreg.frame import ModelFrame, flow_to_native_mm, frame_pair
+from vitreg.field import (
+    DisplacementField,
+    affine_displacement,
+    check_same_grid,
+    warp_image,
+    warp_labels_nearest,
+    with_affine,
+)
+from vitreg.frame import ModelFrame, flow_to_native_mm, frame_pair, grid_coordinates
 from vitreg.image import Volume
-from vitreg.losses import diffusion, local_ncc
+from vitreg.losses import (
+    bending_energy,
+    diffusion,
+    local_ncc,
+    mse,
+    mutual_information,
+    soft_dice,
+)
 from vitreg.metrics import dice_per_label
 from vitreg.nets.vitvnet import VitVNet
-from vitreg.transform import resize_flow, warp
+from vitreg.transform import (
+    compose,
+    displacement_from_output,
+    flow_vox_to_mm,
+    integrate_velocity,
+    resize_flow,
+    sample_labels,
+    warp,
+)
 
 Progress = Callable[[str, int, int], None]
 """Called as progress(stage, done, total) while long stages run."""
+
+
+SIMILARITIES = ("ncc", "mse", "mi")
+REGULARIZERS = ("diffusion", "bending")
+INVERSE_ITERATIONS = 30
+INVERSE_SHRINK = 2
+INVERSE_TOLERANCE_VOX = 0.01  # stop the fixed-point iteration once no voxel moves more
 
 
 @dataclass(frozen=True)
 class Registration:
     """The result of :func:`register`.
 
-    ``warped``: the moving image on the fixed grid (X, Y, Z) float32. ``field``: the pull
-    displacement on the fixed grid (fixed point x -> moving point x + d(x), RAS mm).
-    ``flow_vox``: the same in the model frame, (1, 3, D, H, W) voxels. ``ncc_before`` and
-    ``ncc_after``: mean local (9^3) squared NCC of the framed pair, without and with the flow.
+    ``warped``: the moving image on the fixed grid (X, Y, Z) float32, one resampling of MOVING.
+    ``field``: the whole pull map on the fixed grid, fixed point x -> moving point
+    ``x + d(x) = A(x + u(x))`` in RAS mm, with ``A`` = ``affine_ras`` (4x4, fixed world ->
+    moving world; the identity without pre-alignment) and ``u`` the dense part. ``flow_vox``:
+    ``u`` in the model frame, (1, 3, D, H, W) voxels of the grid ``frame_affine``;
+    ``velocity_vox``: the stationary velocity whose exponential is ``flow_vox`` (diffeomorphic
+    mode), else None. ``ncc_before`` and ``ncc_after``: mean local (9^3) squared NCC of the
+    framed pair (after the affine), without and with ``u``. ``warnings``: for the user.
     """
 
     warped: np.ndarray
@@ -41,6 +76,26 @@ class Registration:
     ncc_after: float
     seconds: float
     device: str
+    affine_ras: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(4))
+    velocity_vox: torch.Tensor | None = None
+    integration_steps: int = 7
+    affine_stages: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InverseField:
+    """The moving-to-fixed pull map on the moving grid, from :func:`invert`.
+
+    ``field``: moving point y -> fixed point ``y + e(y)`` (RAS mm). ``residual_mean_mm`` and
+    ``residual_max_mm``: |u(x) + w(x + u(x))| over the frame grid (forward then inverse dense
+    part; the affine inverts exactly). ``exact``: the inverse came from the negated velocity.
+    """
+
+    field: DisplacementField
+    residual_mean_mm: float
+    residual_max_mm: float
+    exact: bool
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -63,6 +118,34 @@ def _shrink(image: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(image, size=[n // factor for n in image.shape[2:]], mode="area")
 
 
+def _similarity(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    functions = {"ncc": local_ncc, "mse": mse, "mi": mutual_information}
+    if name not in functions:
+        raise VitregError(f"--similarity {name}: expected one of {', '.join(SIMILARITIES)}")
+    return functions[name]
+
+
+def _regularizer(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    functions = {"diffusion": diffusion, "bending": bending_energy}
+    if name not in functions:
+        raise VitregError(f"--regularizer {name}: expected one of {', '.join(REGULARIZERS)}")
+    return functions[name]
+
+
+def _check_levels(levels: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    levels = tuple(int(factor) for factor in levels)
+    if not levels or any(factor < 1 for factor in levels):
+        raise VitregError(f"--levels {levels}: expected downsampling factors >= 1, e.g. 4,2,1")
+    if any(min(shape) // factor < 4 for factor in levels):
+        raise VitregError(f"--levels {levels}: too coarse for a frame of {tuple(shape)} voxels")
+    return levels
+
+
+def onehot_levels(labels: torch.Tensor, values: Sequence[int], factor: int) -> torch.Tensor:
+    """(1, 1, D, H, W) integer labels -> (1, K, D/f, H/f, W/f) label shares, one label at a time."""
+    return torch.cat([_shrink((labels == value).float(), factor) for value in values], dim=1)
+
+
 def optimize_flow(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -72,26 +155,55 @@ def optimize_flow(
     smoothness: float = 5.0,
     learning_rate: float = 0.2,
     progress: Progress | None = None,
+    similarity: str = "ncc",
+    regularizer: str = "diffusion",
+    velocity: bool = False,
+    integration_steps: int = 7,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dice_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Test-time optimisation of a flow: local NCC + ``smoothness`` x diffusion, Adam.
+    """Test-time optimisation of a flow: similarity + ``smoothness`` x regulariser, Adam.
 
-    ``fixed``/``moving`` are (1, 1, D, H, W); ``initial_flow_vox`` (1, 3, D, H, W) voxels.
-    Coarse to fine over ``levels`` (downsampling factors), the steps split evenly; the field
-    of the last level is resized to full resolution. Returns (1, 3, D, H, W) voxels.
+    ``fixed``/``moving`` are (1, 1, D, H, W) in [0, 1]; ``initial_flow_vox`` (1, 3, D, H, W)
+    voxels (a stationary velocity when ``velocity``: the warp then uses its scaling-and-squaring
+    exponential, and the regulariser acts on the velocity). ``similarity`` is 'ncc' (local
+    9^3), 'mse' or 'mi' (Parzen mutual information); ``regularizer`` 'diffusion' or 'bending'.
+    ``labels`` (fixed, moving), each (1, 1, D, H, W) integer maps in the frame, add
+    ``dice_weight`` x soft Dice of the warped label shares over the labels both hold.
+    Coarse to fine over ``levels`` (downsampling factors; 1 is full resolution), the steps
+    split evenly; each level starts from the last one's field. Returns (1, 3, D, H, W) voxels
+    (the velocity when ``velocity``).
     """
     shape = fixed.shape[2:]
+    levels = _check_levels(levels, shape)
+    similarity_fn, regularizer_fn = _similarity(similarity), _regularizer(regularizer)
+    values: list[int] = []
+    if labels is not None and dice_weight > 0:
+        values = sorted(
+            set(torch.unique(labels[0]).tolist()) & set(torch.unique(labels[1]).tolist()) - {0}
+        )
     flow = initial_flow_vox.detach()
     per_level = [steps // len(levels) + (i < steps % len(levels)) for i in range(len(levels))]
     done = 0
     for factor, level_steps in zip(levels, per_level, strict=True):
+        if level_steps == 0:
+            continue
         fixed_level, moving_level = _shrink(fixed, factor), _shrink(moving, factor)
+        if values:
+            fixed_onehot = onehot_levels(labels[0], values, factor)
+            moving_onehot = onehot_levels(labels[1], values, factor)
         level_flow = resize_flow(flow, fixed_level.shape[2:], align_corners=False)
         level_flow.requires_grad_(True)
         optimizer = torch.optim.Adam([level_flow], lr=learning_rate)
         for _ in range(level_steps):
             optimizer.zero_grad(set_to_none=True)
-            warped = warp(moving_level, level_flow)
-            loss = local_ncc(fixed_level, warped) + smoothness * diffusion(level_flow)
+            displacement = displacement_from_output(level_flow, velocity, integration_steps)
+            warped = warp(moving_level, displacement)
+            loss = similarity_fn(fixed_level, warped) + smoothness * regularizer_fn(level_flow)
+            if values:
+                loss = loss + dice_weight * soft_dice(
+                    fixed_onehot, warp(moving_onehot, displacement)
+                )
             loss.backward()
             optimizer.step()
             done += 1
@@ -101,13 +213,49 @@ def optimize_flow(
     return flow
 
 
-def predict_flow(model: VitVNet, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+def predict_flow(
+    model: VitVNet, fixed: torch.Tensor, moving: torch.Tensor, integrate: bool = True
+) -> torch.Tensor:
     """Network flow (1, 3, D, H, W) voxels for framed (1, 1, D, H, W) images.
 
     Runs :meth:`VitVNet.infer` (streamed, channels-last: within 1e-5 voxel of the plain
-    forward, at about half its time and a third of its memory on CPU).
+    forward, at about half its time and a third of its memory on CPU). ``integrate=False``
+    gives a diffeomorphic model's velocity instead of its displacement.
     """
-    return model.infer(torch.cat([moving, fixed], dim=1))
+    return model.infer(torch.cat([moving, fixed], dim=1), integrate=integrate)
+
+
+def pre_align(
+    fixed: Volume, moving: Volume, allow_failure: bool = False
+) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
+    """Affine pre-alignment (RAS 4x4 fixed world -> moving world), its stages and warnings.
+
+    A failure raises VitregError naming both files, unless ``allow_failure``: then the
+    centring (or, when even that failed, the identity) is used with a warning.
+    """
+    names = f"{fixed.path}, {moving.path}"
+    hint = "use --no-affine, or --allow-affine-failure to go on with the centring only"
+    try:
+        result = estimate_affine(fixed, moving)
+    except VitregError as error:
+        if not allow_failure:
+            raise VitregError(f"{error}; {hint}") from None
+        return np.eye(4), (), (f"affine pre-alignment skipped: {error}",)
+    if result.failure is None:
+        return result.affine_ras, tuple(result.stages), ()
+    if not allow_failure:
+        raise VitregError(f"{names}: affine pre-alignment failed: {result.failure}; {hint}")
+    warning = f"affine pre-alignment failed ({result.failure}); going on with the centring only"
+    return result.affine_ras, tuple(result.stages), (warning,)
+
+
+def frame_labels(
+    frame_grid_affine: np.ndarray, shape: Sequence[int], labels: Volume, device: torch.device
+) -> torch.Tensor:
+    """Nearest-neighbour read of a label map onto the frame grid: (1, 1, D, H, W) int64."""
+    coords = grid_coordinates(labels.affine, frame_grid_affine, tuple(shape)).to(device)
+    source = torch.as_tensor(labels.data, device=device)[None, None]
+    return sample_labels(source, coords)
 
 
 def register(
@@ -119,49 +267,152 @@ def register(
     smoothness: float = 5.0,
     device: str = "auto",
     progress: Progress | None = None,
+    affine: bool = True,
+    allow_affine_failure: bool = False,
+    diffeo: bool = False,
+    integration_steps: int = 7,
+    levels: Sequence[int] = (4, 2),
+    similarity: str = "ncc",
+    regularizer: str = "diffusion",
+    learning_rate: float = 0.2,
+    labels: tuple[Volume, Volume] | None = None,
+    dice_weight: float = 0.0,
 ) -> Registration:
-    """Register ``moving`` to ``fixed`` (both roughly aligned in world space already).
+    """Register ``moving`` to ``fixed``.
 
-    ``model`` predicts the flow in its ``frame`` (the checkpoint's); ``optimize`` steps of
-    test-time optimisation (``smoothness`` weighs the diffusion term) refine it, or start from
-    zero when ``model`` is None. With neither, the flow is zero. The result lives on the fixed
-    image's native grid.
+    With ``affine`` (default) an affine pre-alignment (moments, rigid, affine by mutual
+    information; :mod:`vitreg.affine`) maps the moving image into the model frame, which is
+    centred on the fixed head; otherwise both must already be roughly aligned in world space.
+    ``model`` predicts the dense part in its ``frame`` (the checkpoint's); ``optimize`` steps of
+    test-time optimisation refine it (see :func:`optimize_flow` for ``levels``, ``similarity``,
+    ``regularizer``, ``smoothness``, ``learning_rate``; ``labels`` (fixed, moving) with
+    ``dice_weight`` > 0 add Dice guidance), or start from zero when ``model`` is None.
+    ``diffeo``: the network output and the optimised field are stationary velocities,
+    integrated by scaling and squaring (``integration_steps``); a model trained
+    diffeomorphically (``config.int_steps`` > 0) turns it on with its own step count. The
+    result lives on the fixed image's native grid and its field includes the affine.
     """
     start = time.perf_counter()
-    if optimize < 0 or smoothness < 0:
-        raise VitregError(f"--optimize {optimize} and --smoothness {smoothness} must be >= 0")
+    if optimize < 0 or smoothness < 0 or dice_weight < 0:
+        raise VitregError(
+            f"--optimize {optimize}, --smoothness {smoothness} and --dice-weight {dice_weight} "
+            "must be >= 0"
+        )
+    _similarity(similarity), _regularizer(regularizer)
+    if model is not None and model.config.int_steps:
+        diffeo, integration_steps = True, model.config.int_steps
     torch_device = choose_device(device)
     frame = frame or ModelFrame()
+    _check_levels(levels, frame.shape)
     if model is not None and tuple(model.config.img_size) != tuple(frame.shape):
         raise VitregError(
             f"model size {model.config.img_size} differs from its frame grid {frame.shape}"
         )
-    pair = frame_pair(frame, fixed, moving, torch_device)
-    flow = torch.zeros(1, 3, *frame.shape, device=torch_device)
+    affine_ras, stages, warnings = np.eye(4), (), ()
+    if affine:
+        if progress is not None:
+            progress("affine", 0, 1)
+        affine_ras, stages, warnings = pre_align(fixed, moving, allow_affine_failure)
+        if progress is not None:
+            progress("affine", 1, 1)
+    pair = frame_pair(frame, fixed, in_fixed_world(moving, affine_ras), torch_device)
+    output = torch.zeros(1, 3, *frame.shape, device=torch_device)
     if model is not None:
         if progress is not None:
             progress("network", 0, 1)
-        flow = predict_flow(model.to(torch_device).eval(), pair.fixed, pair.moving)
+        network = model.to(torch_device).eval()
+        output = predict_flow(network, pair.fixed, pair.moving, integrate=False)
         if progress is not None:
             progress("network", 1, 1)
     if optimize > 0:
-        flow = optimize_flow(
-            pair.fixed, pair.moving, flow, optimize, smoothness=smoothness, progress=progress
+        framed_labels = None
+        if labels is not None and dice_weight > 0:
+            framed_labels = (
+                frame_labels(pair.affine, frame.shape, labels[0], torch_device),
+                frame_labels(
+                    pair.affine,
+                    frame.shape,
+                    in_fixed_world(labels[1], affine_ras),
+                    torch_device,
+                ),
+            )
+        output = optimize_flow(
+            pair.fixed,
+            pair.moving,
+            output,
+            optimize,
+            levels=levels,
+            smoothness=smoothness,
+            learning_rate=learning_rate,
+            progress=progress,
+            similarity=similarity,
+            regularizer=regularizer,
+            velocity=diffeo,
+            integration_steps=integration_steps,
+            labels=framed_labels,
+            dice_weight=dice_weight,
         )
     with torch.no_grad():
+        flow = displacement_from_output(output, diffeo, integration_steps)
         ncc_before = -float(local_ncc(pair.fixed, pair.moving))
         ncc_after = -float(local_ncc(pair.fixed, warp(pair.moving, flow)))
-        field = DisplacementField(disp_mm=flow_to_native_mm(flow, pair.affine, fixed), grid=fixed)
-        warped = warp_image(moving, field, torch_device)
+        dense = DisplacementField(disp_mm=flow_to_native_mm(flow, pair.affine, fixed), grid=fixed)
+        whole = with_affine(dense, affine_ras)
+        warped = warp_image(moving, whole, torch_device)
     return Registration(
         warped=warped,
-        field=DisplacementField(disp_mm=field.disp_mm.cpu(), grid=fixed),
+        field=DisplacementField(disp_mm=whole.disp_mm.cpu(), grid=fixed),
         flow_vox=flow.cpu(),
         frame_affine=pair.affine,
         ncc_before=ncc_before,
         ncc_after=ncc_after,
         seconds=time.perf_counter() - start,
         device=str(torch_device),
+        affine_ras=affine_ras,
+        velocity_vox=output.cpu() if diffeo else None,
+        integration_steps=integration_steps,
+        affine_stages=stages,
+        warnings=warnings,
+    )
+
+
+def invert(
+    result: Registration, moving: Volume, iterations: int = INVERSE_ITERATIONS
+) -> InverseField:
+    """The moving-to-fixed map of ``result`` on ``moving``'s grid (the inverse of its field).
+
+    The dense part is inverted in the model frame: exactly as the exponential of the negated
+    velocity in diffeomorphic mode, else by the fixed-point iteration w <- -u(x + w) on a grid
+    of half the frame's resolution (at most ``iterations`` times, until no update exceeds 0.01
+    voxel); the affine is inverted exactly. Moving point y maps to ``z + w(z)`` with
+    ``z = A^-1(y)``; outside the frame w is zero, as u is.
+    """
+    flow = result.flow_vox
+    if result.velocity_vox is not None:
+        inverse = integrate_velocity(-result.velocity_vox, result.integration_steps)
+    else:
+        # Half resolution: the optimised fields are that smooth, and it is 8x cheaper.
+        half = [max(2, n // INVERSE_SHRINK) for n in flow.shape[2:]]
+        coarse = resize_flow(flow, half, align_corners=False)
+        inverse = -coarse
+        for _ in range(iterations):
+            previous, inverse = inverse, -warp(coarse, inverse, padding="border")
+            if float((inverse - previous).abs().max()) < INVERSE_TOLERANCE_VOX:
+                break
+        inverse = resize_flow(inverse, flow.shape[2:], align_corners=False)
+    with torch.no_grad():
+        residual_vox = compose(inverse, flow)  # u(x) + w(x + u(x))
+        residual_mm = flow_vox_to_mm(residual_vox, result.frame_affine)
+        residual = torch.linalg.vector_norm(residual_mm, dim=1)
+        moving_in_fixed_world = in_fixed_world(moving, result.affine_ras)
+        dense = flow_to_native_mm(inverse, result.frame_affine, moving_in_fixed_world)
+        back = np.linalg.inv(result.affine_ras)
+        disp = affine_displacement(moving, back) + dense
+    return InverseField(
+        field=DisplacementField(disp_mm=disp, grid=moving),
+        residual_mean_mm=float(residual.mean()),
+        residual_max_mm=float(residual.max()),
+        exact=result.velocity_vox is not None,
     )
 
 

@@ -134,6 +134,16 @@ def integrate_velocity(velocity_vox: torch.Tensor, steps: int = 7) -> torch.Tens
     return flow
 
 
+def displacement_from_output(output_vox: torch.Tensor, velocity: bool, steps: int = 7):
+    """A network's output (B, 3, D, H, W) voxels as a displacement (B, 3, D, H, W) voxels.
+
+    With ``velocity`` the output is a stationary velocity field and is integrated by scaling
+    and squaring (``steps``); otherwise it already is the displacement. Training and
+    registration both call this, so a checkpoint's output is read the same way everywhere.
+    """
+    return integrate_velocity(output_vox, steps) if velocity else output_vox
+
+
 def resize_flow(
     flow_vox: torch.Tensor, shape: Sequence[int], align_corners: bool = True
 ) -> torch.Tensor:

@@ -362,7 +362,11 @@ class VitVNet(nn.Module):
         return self._integrated(self.reg_head(self.decoder(tokens, skips)))
 
     def infer(
-        self, x: torch.Tensor, rows_per_chunk: int = 16, channels_last: bool = True
+        self,
+        x: torch.Tensor,
+        rows_per_chunk: int = 16,
+        channels_last: bool = True,
+        integrate: bool = True,
     ) -> torch.Tensor:
         """The eval-mode forward with a fraction of the memory: (B, 2, D, H, W) -> flow voxels.
 
@@ -374,6 +378,8 @@ class VitVNet(nn.Module):
         channels-last 3D memory order (several times faster in oneDNN on CPU; the rounding
         differs from :meth:`forward` by about 1e-6 relative); without it the flow equals
         :meth:`forward`'s bit for bit. Runs under ``torch.inference_mode``; needs eval mode.
+        ``integrate=False`` returns the head's raw output (the velocity of a diffeomorphic
+        config, ``int_steps`` > 0) instead of its integral.
         """
         self._check_input(x)
         if self.training:
@@ -416,7 +422,7 @@ class VitVNet(nn.Module):
             rows = _rows_through(rows, last.conv2[0], last.conv2[1:])
             rows = _rows_through(rows, self.reg_head[0])
             _write_rows(rows, flow)
-        if self.config.int_steps:
+        if integrate and self.config.int_steps:
             with torch.no_grad():  # not inference mode: the caller gets an ordinary tensor
                 flow = self._integrated(flow)
         return flow

@@ -1,0 +1,91 @@
+"""Affine pre-alignment: a known rotation and shift recovered, ITK files, bad pairs refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tests.volumes import ball_and_shell, grid_affine, rotation, world_head, write
+from vitreg.affine import (
+    RAS_TO_LPS,
+    estimate_affine,
+    from_sitk,
+    load_affine,
+    save_affine,
+    to_sitk,
+)
+from vitreg.errors import VitregError
+from vitreg.image import load_image
+
+SHAPE = (48, 52, 44)
+
+
+def known_affine() -> np.ndarray:
+    """Fixed world -> moving world: 10 deg about S, 6 deg about A, then a shift, in RAS mm."""
+    affine = np.eye(4)
+    affine[:3, :3] = rotation(10, 2) @ rotation(6, 1)
+    affine[:3, 3] = [4.0, -3.0, 2.5]
+    return affine
+
+
+def apply(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ affine[:3, :3].T + affine[:3, 3]
+
+
+def test_known_rotation_and_shift_is_recovered(tmp_path):
+    fixed_affine = grid_affine(np.diag([2.0, 2.0, 2.0]), SHAPE)
+    truth = known_affine()
+    # The moving grid is the fixed one moved by the known map: moving content at A(x) is the
+    # fixed content at x, so the pull map fixed -> moving is A itself.
+    moving_affine = truth @ fixed_affine
+    data = world_head(fixed_affine, SHAPE)
+    fixed = load_image(write(tmp_path / "fixed.nii.gz", data, fixed_affine))
+    moving = load_image(write(tmp_path / "moving.nii.gz", data, moving_affine))
+    result = estimate_affine(fixed, moving)
+    assert result.failure is None, result.failure
+    assert result.metric_final < result.metric_centred
+    corners = np.array([[x, y, z] for x in (-24, 24) for y in (-28, 28) for z in (-22, 22)])
+    error = np.linalg.norm(apply(result.affine_ras, corners) - apply(truth, corners), axis=1)
+    assert error.max() < 1.0, error  # mm, at the corners of the head's bounding box
+
+
+@pytest.mark.parametrize("suffix", [".mat", ".tfm", ".txt"])
+def test_affine_file_read_back_by_simpleitk_maps_points_as_ours(tmp_path, suffix):
+    affine = known_affine()
+    affine[:3, :3] = affine[:3, :3] @ np.diag([1.05, 0.95, 1.02])
+    path = save_affine(tmp_path / f"affine{suffix}", affine)
+    transform = sitk.ReadTransform(str(path))
+    points_ras = np.array([[0.0, 0.0, 0.0], [30.0, -20.0, 10.0], [-15.0, 40.0, -35.0]])
+    for point in points_ras:
+        theirs_lps = np.array(transform.TransformPoint((RAS_TO_LPS @ point).tolist()))
+        np.testing.assert_allclose(
+            RAS_TO_LPS @ theirs_lps, apply(affine, point[None])[0], atol=1e-6
+        )
+    np.testing.assert_allclose(load_affine(path), affine, atol=1e-9)
+
+
+def test_centred_itk_transform_converts_to_the_same_map():
+    euler = sitk.Euler3DTransform((5.0, -7.0, 3.0), 0.1, -0.2, 0.3, (1.0, 2.0, -4.0))
+    affine_ras = from_sitk(euler)
+    point_lps = np.array([12.0, -3.0, 40.0])
+    expected = np.array(euler.TransformPoint(point_lps.tolist()))
+    got = RAS_TO_LPS @ apply(affine_ras, (RAS_TO_LPS @ point_lps)[None])[0]
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+    np.testing.assert_allclose(from_sitk(to_sitk(affine_ras)), affine_ras, atol=1e-12)
+
+
+def test_heads_that_do_not_overlap_after_centring_are_refused(tmp_path):
+    ball, shell = ball_and_shell()
+    affine = grid_affine(np.diag([2.0, 2.0, 2.0]), ball.shape)
+    fixed = load_image(write(tmp_path / "ball.nii.gz", ball, affine))
+    moving = load_image(write(tmp_path / "shell.nii.gz", shell, affine))
+    with pytest.raises(VitregError, match=r"ball\.nii\.gz, .*shell\.nii\.gz: .*do not overlap"):
+        estimate_affine(fixed, moving)
+
+
+def test_unreadable_affine_file_is_a_user_error(tmp_path):
+    path = tmp_path / "broken.mat"
+    path.write_text("not a transform")
+    with pytest.raises(VitregError, match="broken.mat"):
+        load_affine(path)

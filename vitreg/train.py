@@ -89,7 +89,8 @@ class TrainRecipe:
     Adam (``amsgrad`` as the official code) at ``lr``, decayed per epoch as
     lr * (1 - epoch / epochs) ** ``lr_power``; ``batch_size`` pairs per step and process;
     random flips along each axis (the same for both images); ``dropout`` in the transformer's
-    linear layers. Loss: ``similarity`` (``mse`` or ``ncc``, local 9^3) + ``reg_weight`` x
+    linear layers. Loss: ``similarity`` (``mse``, ``ncc`` local 9^3, or ``none`` for training on
+    labels alone, as with synthetic contrasts) + ``reg_weight`` x
     diffusion of the flow (voxels) + ``dice_weight`` x soft Dice of the one-hot labels warped
     trilinearly (only for pairs with labels). ``int_steps`` > 0 makes the network output a
     velocity integrated by scaling and squaring (diffeomorphic). ``bf16``: autocast on CUDA.
@@ -112,8 +113,10 @@ class TrainRecipe:
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.similarity not in ("mse", "ncc"):
-            raise VitregError(f"--similarity {self.similarity}: expected mse or ncc")
+        if self.similarity not in ("mse", "ncc", "none"):
+            raise VitregError(f"--similarity {self.similarity}: expected mse, ncc or none")
+        if self.similarity == "none" and self.dice_weight <= 0:
+            raise VitregError("--similarity none trains on labels alone: give --dice-weight > 0")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise VitregError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if self.reg_weight < 0 or self.dice_weight < 0 or not 0 <= self.dropout < 1:
@@ -292,8 +295,10 @@ def pair_loss(
     warped = warp(batch.moving, flow)
     if recipe.similarity == "mse":
         similarity = mse(batch.fixed, warped)
-    else:
+    elif recipe.similarity == "ncc":
         similarity = local_ncc(batch.fixed, warped)
+    else:  # label-driven training (synthetic contrasts): Dice alone says what aligns
+        similarity = torch.zeros((), device=flow.device)
     loss = similarity + recipe.reg_weight * diffusion(flow)
     if recipe.dice_weight > 0 and batch.fixed_labels is not None and batch.num_classes > 1:
         fixed_onehot = _one_hot(batch.fixed_labels, batch.num_classes)

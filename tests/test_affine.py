@@ -50,6 +50,22 @@ def test_known_rotation_and_shift_is_recovered(tmp_path):
     assert error.max() < 1.0, error  # mm, at the corners of the head's bounding box
 
 
+def test_small_head_on_other_grids_keeps_its_shift(tmp_path):
+    # A 5 cm head, fixed oblique at 2 mm, moving LPS at 2.2 mm, moved by a pure shift: the
+    # affine stage once halved its scales on its first step (then refused as worse than the
+    # centring); the shift must come back within 0.2 mm and the linear part stay the identity.
+    shape, shift = (26, 30, 24), np.array([3.0, -2.0, 1.0])
+    fixed_affine = grid_affine(rotation(10, 2) * 2.0, shape)
+    moving_affine = grid_affine(np.diag([-2.2, -2.2, 2.2]), shape, (1, -1, 0))
+    fixed = load_image(write(tmp_path / "f.nii.gz", world_head(fixed_affine, shape), fixed_affine))
+    moving_data = world_head(moving_affine, shape, tuple(shift))
+    moving = load_image(write(tmp_path / "m.nii.gz", moving_data, moving_affine))
+    result = estimate_affine(fixed, moving)
+    assert result.failure is None, result.failure
+    assert np.abs(result.affine_ras[:3, :3] - np.eye(3)).max() < 0.01
+    assert np.abs(result.affine_ras[:3, 3] - shift).max() < 0.2
+
+
 @pytest.mark.parametrize("suffix", [".mat", ".tfm", ".txt"])
 def test_affine_file_read_back_by_simpleitk_maps_points_as_ours(tmp_path, suffix):
     affine = known_affine()

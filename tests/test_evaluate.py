@@ -130,9 +130,13 @@ def test_evaluate_command_writes_every_output(pairs_csv, tmp_path):
 
 
 def test_evaluate_passes_register_options_and_scores_no_motion_as_the_whole_shift(pairs_csv):
-    results = evaluate(read_pairs(pairs_csv), frame=FRAME, optimize=0, device="cpu")
+    pairs = read_pairs(pairs_csv)
+    results = evaluate(pairs, frame=FRAME, optimize=0, device="cpu", affine=False)
     shifted = results[0].metrics
-    # No model and no optimisation: a zero flow, so the error is the whole shift, no folding.
+    # No affine, no model, no optimisation: a zero flow, so the error is the whole shift.
     assert shifted.epe_mm == pytest.approx(5.0, abs=1e-4)
     assert shifted.percent_nonpositive == 0.0 and shifted.sdlogj == pytest.approx(0.0, abs=1e-6)
     assert shifted.correlation_before == pytest.approx(shifted.correlation_after)
+    # The affine pre-alignment (register's default) finds the shift.
+    aligned = evaluate(pairs[:1], frame=FRAME, optimize=0, device="cpu")[0].metrics
+    assert aligned.epe_mm < 0.5 and aligned.correlation_after > shifted.correlation_after

@@ -63,13 +63,11 @@ def box_sum(volume: torch.Tensor, window: int) -> torch.Tensor:
     with a ones ``window``^3 kernel and padding ``window // 2`` (``window`` must be odd).
     """
     half = window // 2
-    averaged = volume
-    for kernel, padding in (
-        ((window, 1, 1), (half, 0, 0)),
-        ((1, window, 1), (0, half, 0)),
-        ((1, 1, window), (0, 0, half)),
-    ):
-        averaged = F.avg_pool3d(averaged, kernel, stride=1, padding=padding, count_include_pad=True)
+    # Zero padding by F.pad, not avg_pool3d's own: that one refuses inputs thinner than the
+    # window (a 1/4-resolution level of a small frame) although the padded input is not.
+    averaged = F.pad(volume, (half,) * 6)
+    for kernel in ((window, 1, 1), (1, window, 1), (1, 1, window)):
+        averaged = F.avg_pool3d(averaged, kernel, stride=1)
     return averaged * float(window**3)
 
 

@@ -48,7 +48,8 @@ class Options:
 # ---------------------------------------------------------------------------------- methods
 
 
-def _vitreg(loaded, options: Options, network: bool, optimize: int):
+def _vitreg(loaded, options: Options, network: bool, optimize: int, **register_options):
+    """vitreg's pull field; ``register_options`` go to ``register()`` (e.g. ``diffeo=True``)."""
     from vitreg.register import register
 
     model = frame = None
@@ -64,6 +65,7 @@ def _vitreg(loaded, options: Options, network: bool, optimize: int):
         frame=frame,
         optimize=optimize,
         device=options.device,
+        **register_options,
     ).field
 
 
@@ -174,6 +176,18 @@ METHODS: dict[str, Method] = {
     "vitreg network": lambda pair, o: _vitreg(pair, o, network=True, optimize=0),
     "vitreg network + optimisation": lambda p, o: _vitreg(p, o, network=True, optimize=o.optimize),
     "vitreg optimisation": lambda pair, o: _vitreg(pair, o, network=False, optimize=o.optimize),
+    "vitreg optimisation --no-affine": lambda p, o: _vitreg(
+        p, o, network=False, optimize=o.optimize, affine=False
+    ),
+    "vitreg optimisation --diffeo": lambda p, o: _vitreg(
+        p, o, network=False, optimize=o.optimize, diffeo=True
+    ),
+    "vitreg optimisation --similarity mi": lambda p, o: _vitreg(
+        p, o, network=False, optimize=o.optimize, similarity="mi"
+    ),
+    "vitreg optimisation --regularizer bending": lambda p, o: _vitreg(
+        p, o, network=False, optimize=o.optimize, regularizer="bending"
+    ),
     "affine (SimpleITK MI)": affine_only,
     "ANTs SyN": lambda pair, o: _ants(pair, o, "SyN"),
     "ANTs SyNCC": lambda pair, o: _ants(pair, o, "SyNCC"),
@@ -283,6 +297,31 @@ def results_markdown(rows: list[dict], skipped: dict[str, str], header: str) -> 
     return "\n".join(lines) + "\n"
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """All result rows as CSV (rewritten whole, through a temporary file)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    temporary.replace(path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows written by :func:`write_rows`, numbers as floats and empty cells as None."""
+
+    def value(text: str):
+        if text == "":
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    with path.open(newline="") as handle:
+        return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(handle)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pairs", type=Path, help="pairs.csv from make_sets.py")
@@ -294,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="device for vitreg (cpu or cuda)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
-    parser.add_argument("--csv", type=Path, help="also write every (pair, method) row here")
+    parser.add_argument(
+        "--csv", type=Path, help="also write every (pair, method) row here, after each row"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --csv, run the rest"
+    )
     args = parser.parse_args(argv)
 
     from vitreg.evaluate import read_pairs
@@ -315,14 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = {name.strip() for name in args.only.split(",")}
         pairs = [pair for pair in pairs if pair.name in wanted]
-    rows = []
+    rows = read_rows(args.csv) if args.resume and args.csv and args.csv.exists() else []
+    done = {(row["name"], row["method"]) for row in rows}
     with tempfile.TemporaryDirectory(prefix="vitreg-compare-") as scratch:
         options = Options(args.weights, args.optimize, args.threads, args.device, Path(scratch))
         for pair in pairs:
             for method in methods:
+                if (pair.name, method) in done:
+                    continue
                 start = time.perf_counter()
                 row = run_isolated(method, pair, options)
                 rows.append(row)
+                if args.csv is not None:
+                    write_rows(args.csv, rows)
                 print(
                     f"{pair.name} | {method}: Dice {row['dice_mean']}, EPE {row['epe_mm']}, "
                     f"{row['seconds']:.1f} s ({time.perf_counter() - start:.1f} s with scoring), "
@@ -341,12 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         "registration's wall time; peak MiB: peak resident memory of the worker process "
         "(imports included; CUDA max allocated for vitreg on a GPU)."
     )
-    args.out.write_text(results_markdown(rows, skipped, header))
-    if args.csv is not None and rows:
-        with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    wanted = {pair.name for pair in pairs}
+    shown = [row for row in rows if row["name"] in wanted and row["method"] in methods]
+    args.out.write_text(results_markdown(shown, skipped, header))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -317,6 +317,7 @@ def _register_one(
     smoothness: float,
     device: str,
     progress: Progress | None,
+    register_options: dict,
 ) -> dict:
     """Register one loaded pair, write its outputs, return its measurements."""
     start = time.perf_counter()
@@ -329,6 +330,7 @@ def _register_one(
         smoothness=smoothness,
         device=device,
         progress=progress,
+        **register_options,
     )
     save(outputs["warped"], result.warped.astype("float32"), loaded.fixed)
     save_flow(outputs["flow"], result.field)
@@ -370,6 +372,7 @@ def register_batch(
     prefetch: int = 2,
     progress: Progress | None = None,
     on_record: Callable[[dict], None] | None = None,
+    **register_options,
 ) -> BatchResult:
     """Register every pair of ``csv_path`` (see :func:`read_pairs`) into ``out_dir``.
 
@@ -379,6 +382,8 @@ def register_batch(
     'ok' with the same input files, sizes, times and settings, and its outputs exist) is
     kept, not redone. ``prefetch`` pairs are loaded ahead in a thread. ``progress`` gets
     ('pairs', done, total) and each pair's register stages; ``on_record`` each new record.
+    ``register_options`` (e.g. ``affine=False``, ``diffeo=True``) go on to ``register()`` and
+    into the settings a finished pair is recognised by.
     """
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     if prefetch < 1:
@@ -391,6 +396,7 @@ def register_batch(
             f"{out_dir}: cannot create the output folder ({error.strerror})"
         ) from None
     settings = {"weights": weights_name, "optimize": optimize, "smoothness": smoothness}
+    settings.update(sorted(register_options.items()))
     previous = _read_previous(out_dir / SUMMARY_JSON)
     records: dict[int, dict] = {}
     fingerprints = {pair.row: _fingerprint(pair, settings) for pair in pairs}
@@ -424,7 +430,15 @@ def register_batch(
                     raise loaded
                 record.update(
                     _register_one(
-                        loaded, outputs, model, frame, optimize, smoothness, device, progress
+                        loaded,
+                        outputs,
+                        model,
+                        frame,
+                        optimize,
+                        smoothness,
+                        device,
+                        progress,
+                        register_options,
                     )
                 )
                 record["fingerprint"] = fingerprints[pair.row]

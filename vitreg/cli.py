@@ -72,6 +72,14 @@ SmoothnessOption = Annotated[
 ]
 
 
+AffineOption = Annotated[
+    bool, typer.Option(help="Affine pre-alignment (moments, rigid, affine by MI) first.")
+]
+DiffeoOption = Annotated[
+    bool, typer.Option(help="Diffeomorphic: integrate a stationary velocity (no folding).")
+]
+
+
 def _load_model(weights: str, offline: bool, quiet: bool):
     """(model, frame, name) for --weights: (None, None, 'none') for 'none'."""
     if weights.lower() == "none":
@@ -120,18 +128,14 @@ def register(
         Path | None, typer.Option("--qc", help="Also write a QC figure (PNG, see 'vitreg qc').")
     ] = None,
     offline: Annotated[bool, typer.Option(help="Never download weights.")] = False,
-    affine: Annotated[
-        bool, typer.Option(help="Affine pre-alignment (moments, rigid, affine by MI) first.")
-    ] = True,
+    affine: AffineOption = True,
     affine_out: Annotated[
         Path | None, typer.Option(help="Write the affine as an ITK .mat (ANTs) or .tfm file.")
     ] = None,
     allow_affine_failure: Annotated[
         bool, typer.Option(help="If the affine fails, warn and go on with the centring only.")
     ] = False,
-    diffeo: Annotated[
-        bool, typer.Option(help="Diffeomorphic: integrate a stationary velocity (no folding).")
-    ] = False,
+    diffeo: DiffeoOption = False,
     inverse_flow: Annotated[
         Path | None, typer.Option(help="Moving-to-fixed flow out, on MOVING's grid (ITK).")
     ] = None,
@@ -284,6 +288,8 @@ def register_batch(
     smoothness: SmoothnessOption = 5.0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     qc: Annotated[bool, typer.Option("--qc", help="Also write NAME_qc.png per pair.")] = False,
+    affine: AffineOption = True,
+    diffeo: DiffeoOption = False,
     prefetch: Annotated[
         int, typer.Option(help="Pairs loaded and checked ahead, in a background thread.")
     ] = 2,
@@ -340,6 +346,8 @@ def register_batch(
                 prefetch=prefetch,
                 progress=_stage_reporter(bar),
                 on_record=show_failure,
+                affine=affine,
+                diffeo=diffeo,
             )
     if as_json:
         print(result.summary_json.read_text().strip())
@@ -429,6 +437,8 @@ def evaluate(
     groups: Annotated[
         bool, typer.Option("--groups", help="Merge left/right structures (Dice averaged).")
     ] = False,
+    affine: AffineOption = True,
+    diffeo: DiffeoOption = False,
     offline: Annotated[bool, typer.Option(help="Never download weights.")] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print only the summary JSON on stdout.")
@@ -460,6 +470,8 @@ def evaluate(
                 optimize=optimize,
                 smoothness=smoothness,
                 device=device,
+                affine=affine,
+                diffeo=diffeo,
             )
         summary = summarise(results)
         written = write_results(out, results, summary, groups)

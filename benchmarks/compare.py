@@ -225,7 +225,8 @@ def run_one(method: str, pair, options: Options) -> dict:
         method_options = Options(**{**options.__dict__, "scratch": Path(scratch)})
         device = "cpu" if not method.startswith("vitreg") else options.device
         result = measure(loaded, lambda: METHODS[method](loaded, method_options), device)
-    return {"method": method, **result.row()}
+    # Other work on the machine inflates wall time (less so CPU time): record how busy it was.
+    return {"method": method, **result.row(), "load_average_1min": os.getloadavg()[0]}
 
 
 def run_isolated(method: str, pair, options: Options) -> dict:
@@ -266,7 +267,9 @@ COLUMNS = (
     ("epe_mm", "EPE mm", 2),
     ("correlation_after", "corr", 3),
     ("seconds", "seconds", 1),
+    ("cpu_seconds", "CPU s", 1),
     ("peak_memory_mib", "peak MiB", 0),
+    ("load_average_1min", "load", 1),
 )
 
 
@@ -387,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         "label warping); % det≤0 and SDlogJ of the pull field on the fixed grid, in the brain "
         "mask; EPE: mean end-point error against the true flow in the mask (mm); corr: "
         "correlation of the fixed and warped moving images in the mask; seconds: the "
-        "registration's wall time; peak MiB: peak resident memory of the worker process "
-        "(imports included; CUDA max allocated for vitreg on a GPU)."
+        "registration's wall time; CPU s: its CPU time over all threads; peak MiB: peak "
+        "resident memory of the worker process (imports included; CUDA max allocated for "
+        "vitreg on a GPU); load: the machine's 1-minute load average when the row ended "
+        "(above the thread count, other work was slowing the wall time)."
     )
     wanted = {pair.name for pair in pairs}
     shown = [row for row in rows if row["name"] in wanted and row["method"] in methods]

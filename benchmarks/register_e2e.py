@@ -8,7 +8,8 @@ pair (``examples/``) with ``--weights`` pointing at it, on the CPU. Two fresh ch
 1. the command line itself (``python -m vitreg.cli register ... --json``): wall time and peak
    RSS of the whole command (imports, load, frame, network, resample, write);
 2. the same steps through the Python API with a timer per stage: load (both NIfTI files),
-   frame (reorient/resample/normalise onto the 160x192x224 grid), network (the forward pass),
+   affine + frame (the affine pre-alignment, then reorient/resample/normalise onto the
+   160x192x224 grid), network (the forward pass),
    resample (NCC before/after, flow to the fixed grid, warping the moving image), write (the
    warped image and the ITK flow).
 """
@@ -73,7 +74,7 @@ def stages(args: argparse.Namespace) -> None:
         "import": imported - start,
         "read checkpoint + build model": built - imported,
         "load images": loaded - built,
-        "frame": marks["network_start"] - loaded,
+        "affine + frame": marks["network_start"] - loaded,
         "network": marks["network_end"] - marks["network_start"],
         "resample (NCC, flow to fixed grid, warp)": registered - marks["network_end"],
         "write (warped + ITK flow)": written - registered,

@@ -329,13 +329,12 @@ def register_batch(
     with user_errors():
         from vitreg.batch import check_counts, read_pairs
         from vitreg.batch import register_batch as run_batch
-        from vitreg.register import choose_device
+        from vitreg.register import RegisterSettings, choose_device
 
         choose_device(device)
         check_counts(prefetch, batch_size)
-        read_pairs(pairs)  # a bad CSV is reported before the model loads
-        if optimize < 0 or smoothness < 0:
-            raise VitregError(f"--optimize {optimize} and --smoothness {smoothness} must be >= 0")
+        read_pairs(pairs)  # a bad CSV or bad options are reported before the model loads
+        RegisterSettings(optimize=optimize, smoothness=smoothness, diffeo=diffeo)
         model, frame, weights_name = _load_model(weights, offline, quiet)
         if not quiet:
             stderr.print(f"registering the pairs of {pairs} (moving to fixed) into {out_dir}")

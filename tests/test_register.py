@@ -9,6 +9,7 @@ import torch
 from tests.volumes import (
     blob_image,
     grid_affine,
+    rotated_pair,
     rotation,
     simpleitk_applies_flow,
     simpleitk_resamples,
@@ -149,19 +150,6 @@ def test_cuda_gives_the_cpu_result(tmp_path):
 def test_bad_frame_orientation_is_refused():
     with pytest.raises(VitregError, match="'LRA'"):
         ModelFrame(orientation="LRA")
-
-
-def rotated_pair(tmp_path, shape=(40, 44, 38)):
-    """A head and the same head on a grid rotated 8 deg and shifted: (fixed, moving, truth)."""
-    fixed_affine = grid_affine(np.diag([2.0, 2.0, 2.0]), shape)
-    truth = np.eye(4)
-    truth[:3, :3] = rotation(8, 2)
-    truth[:3, 3] = [3.0, -2.0, 2.0]
-    moving_affine = truth @ fixed_affine
-    data = world_head(fixed_affine, shape)
-    fixed = load_image(write(tmp_path / "fixed.nii.gz", data, fixed_affine))
-    moving = load_image(write(tmp_path / "moving.nii.gz", data, moving_affine))
-    return fixed, moving, truth
 
 
 def test_affine_is_composed_into_the_field_and_warped_is_one_resampling(tmp_path):

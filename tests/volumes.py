@@ -128,3 +128,20 @@ def simpleitk_resamples(
         sitk.sitkFloat32,
     )
     return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)
+
+
+def rotated_pair(folder: Path, shape=(40, 44, 38)):
+    """A head and the same head on a grid rotated 8 deg and shifted, written to ``folder`` as
+    fixed.nii.gz and moving.nii.gz: (fixed Volume, moving Volume, truth), where ``truth``
+    (4x4, RAS mm) maps a fixed world point to the moving point with the same content."""
+    from vitreg.image import load_image
+
+    fixed_affine = grid_affine(np.diag([2.0, 2.0, 2.0]), shape)
+    truth = np.eye(4)
+    truth[:3, :3] = rotation(8, 2)
+    truth[:3, 3] = [3.0, -2.0, 2.0]
+    moving_affine = truth @ fixed_affine
+    data = world_head(fixed_affine, shape)
+    fixed = load_image(write(folder / "fixed.nii.gz", data, fixed_affine))
+    moving = load_image(write(folder / "moving.nii.gz", data, moving_affine))
+    return fixed, moving, truth

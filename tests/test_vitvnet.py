@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,6 +17,7 @@ from vitreg.nets.vitvnet import VitVNet, VitVNetConfig, load_state_dict
 from vitreg.transform import integrate_velocity, warp
 
 OFFICIAL_KEYS = Path(__file__).parent / "data" / "official-state-dict.tsv"
+AUTHORS_OUTPUT_SCRIPT = Path(__file__).parent / "data" / "make_authors_output.py"
 
 SMALL = VitVNetConfig(
     img_size=(32, 32, 64),
@@ -47,6 +51,40 @@ def test_published_model_has_exact_parameter_count_and_official_keys():
     assert ours == official
     # Same order as the authors' state dict too.
     assert list(ours) == list(official)
+
+
+def authors_reference():
+    """The generator module (its weight and input rule) and the arrays it stored."""
+    spec = importlib.util.spec_from_file_location("make_authors_output", AUTHORS_OUTPUT_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with np.load(module.OUTPUT) as stored:
+        return module, {key: stored[key] for key in stored.files}
+
+
+def test_flow_and_warp_equal_the_authors_code_for_the_same_weights_and_input():
+    rule, stored = authors_reference()
+    model = VitVNet(VitVNetConfig(img_size=rule.IMG_SIZE, **rule.SMALL)).eval()
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    shapes = json.loads(str(stored["state_dict_shapes"]))
+    theirs = dict(zip(stored["state_dict_keys"].tolist(), shapes, strict=True))
+    assert ours == theirs
+    # The same numbers go in as went into their network (else the rule's stream changed).
+    assert rule.fill_model(model) == pytest.approx(float(stored["weights_abs_sum"]), rel=1e-12)
+    inputs = rule.reference_input()
+    assert inputs.astype(np.float64).sum() == pytest.approx(float(stored["input_sum"]), rel=1e-12)
+    moving_fixed = torch.from_numpy(inputs)
+    with torch.no_grad():
+        flow = model(moving_fixed)
+        warped = warp(moving_fixed[:, :1], flow)
+    expected_flow = stored["flow_sub2"]
+    assert expected_flow.std() > 0.5  # voxels: a flow that moves the image, not the init's ~0
+    np.testing.assert_allclose(rule.subsample(flow.numpy()), expected_flow, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        rule.subsample(warped.numpy()), stored["warped_sub2"], rtol=0, atol=1e-5
+    )
+    streamed = model.infer(moving_fixed, rows_per_chunk=5)
+    np.testing.assert_allclose(rule.subsample(streamed.numpy()), expected_flow, rtol=0, atol=1e-4)
 
 
 def test_initial_flow_is_near_identity_and_warps_moving():

@@ -286,7 +286,12 @@ def test_shipped_registry_is_readable_and_honest(tmp_path):
     entry = registry.entries[registry.default]
     assert registry.default == "vitvnet-ixi-official" and entry.import_only
     assert VitVNetConfig.from_dict(entry.config) == VitVNetConfig()
-    assert ModelFrame.from_dict(entry.frame) == ModelFrame("LIA", (1, 1, 1), (160, 192, 224))
+    expected_frame = ModelFrame("LIA", (1, 1, 1), (160, 192, 224), intensity_divisor=255.0)
+    assert ModelFrame.from_dict(entry.frame) == expected_frame
+    assert (
+        "FreeSurfer-normalised" in entry.frame_note
+        and "divided intensities by 255" in entry.frame_note
+    )
     with pytest.raises(VitregError, match="vitreg weights import FILE --name vitvnet-ixi"):
         resolve("default")
     result = runner.invoke(cli, ["weights", "info", "vitvnet-ixi-official", "--json"])
@@ -323,7 +328,10 @@ def test_official_checkpoint_imports_and_runs(tmp_path):
     assert checkpoint.recipe["epoch"] == 3 and checkpoint.recipe["best_dsc"] == 0.7
     assert checkpoint.recipe["source"] == file.name
     assert checkpoint.recipe["source_sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
-    assert checkpoint.frame == ModelFrame("LIA", (1.0, 1.0, 1.0), SMALL.img_size)
+    assert checkpoint.frame == ModelFrame(
+        "LIA", (1.0, 1.0, 1.0), SMALL.img_size, intensity_divisor=255
+    )
+    assert "FreeSurfer-normalised" in checkpoint.recipe["frame_note"]
     model = build_model(checkpoint)
     inputs = torch.rand(1, 2, *SMALL.img_size)
     with torch.no_grad():

@@ -102,3 +102,46 @@ def simpleitk_applies_flow(flow: Path, moving: Path, fixed: Path) -> np.ndarray:
         sitk.sitkFloat32,
     )
     return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)
+
+
+def simpleitk_resamples(
+    moving: Path, fixed: Path, affine_ras: np.ndarray | None = None
+) -> np.ndarray:
+    """MOVING resampled onto FIXED's grid by SimpleITK (trilinear, 0 outside): (X, Y, Z).
+
+    ``affine_ras`` (4x4, RAS mm) maps a fixed world point x to the moving point it reads,
+    ``A x``; None reads MOVING through world coordinates as the files lie.
+    """
+    import SimpleITK as sitk
+
+    transform = sitk.AffineTransform(3)
+    if affine_ras is not None:
+        ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+        transform.SetMatrix((ras_to_lps @ affine_ras[:3, :3] @ ras_to_lps).ravel().tolist())
+        transform.SetTranslation((ras_to_lps @ affine_ras[:3, 3]).tolist())
+    resampled = sitk.Resample(
+        sitk.ReadImage(str(moving)),
+        sitk.ReadImage(str(fixed)),
+        transform,
+        sitk.sitkLinear,
+        0.0,
+        sitk.sitkFloat32,
+    )
+    return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)
+
+
+def rotated_pair(folder: Path, shape=(40, 44, 38)):
+    """A head and the same head on a grid rotated 8 deg and shifted, written to ``folder`` as
+    fixed.nii.gz and moving.nii.gz: (fixed Volume, moving Volume, truth), where ``truth``
+    (4x4, RAS mm) maps a fixed world point to the moving point with the same content."""
+    from vitreg.image import load_image
+
+    fixed_affine = grid_affine(np.diag([2.0, 2.0, 2.0]), shape)
+    truth = np.eye(4)
+    truth[:3, :3] = rotation(8, 2)
+    truth[:3, 3] = [3.0, -2.0, 2.0]
+    moving_affine = truth @ fixed_affine
+    data = world_head(fixed_affine, shape)
+    fixed = load_image(write(folder / "fixed.nii.gz", data, fixed_affine))
+    moving = load_image(write(folder / "moving.nii.gz", data, moving_affine))
+    return fixed, moving, truth

@@ -19,16 +19,23 @@ class ModelFrame:
 
     ``orientation`` is nibabel axis codes of the array axes (e.g. 'LIA': axis 0 points Left,
     1 Inferior, 2 Anterior); ``spacing`` is mm per voxel along the array axes; ``shape`` is the
-    grid (D, H, W) in voxels; intensities are mapped linearly so that the ``percentiles``
-    (low, high) of the foreground go to 0 and 1, then clipped to [0, 1].
+    grid (D, H, W) in voxels. Intensities: by default mapped linearly so that the
+    ``percentiles`` (low, high) of the foreground go to 0 and 1, then clipped to [0, 1]; with
+    ``intensity_divisor`` set, divided by it and clipped to [0, 1] instead (a fixed scale, as
+    the authors' IXI data: FreeSurfer-normalised brains, white matter at 110, divided by 255).
     """
 
     orientation: str = "LIA"
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     shape: tuple[int, int, int] = (160, 192, 224)
     percentiles: tuple[float, float] = (0.5, 99.5)
+    intensity_divisor: float | None = None
 
     def __post_init__(self) -> None:
+        if self.intensity_divisor is not None and not self.intensity_divisor > 0:
+            raise VitregError(
+                f"frame intensity_divisor must be a positive number, got {self.intensity_divisor}"
+            )
         pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
         if len(self.orientation) != 3 or any(
             sum(code in pair for code in self.orientation) != 1 for pair in pairs
@@ -39,13 +46,16 @@ class ModelFrame:
             )
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict."""
-        return {
+        """Plain JSON-able dict (``intensity_divisor`` only when set)."""
+        values = {
             "orientation": self.orientation,
             "spacing": list(self.spacing),
             "shape": list(self.shape),
             "percentiles": list(self.percentiles),
         }
+        if self.intensity_divisor is not None:
+            values["intensity_divisor"] = self.intensity_divisor
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelFrame:
@@ -56,9 +66,14 @@ class ModelFrame:
                 spacing=tuple(float(v) for v in values["spacing"]),
                 shape=tuple(int(v) for v in values["shape"]),
                 percentiles=tuple(float(v) for v in values.get("percentiles", (0.5, 99.5))),
+                intensity_divisor=_optional_float(values.get("intensity_divisor")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise VitregError(f"malformed model frame {values!r}: {error}") from None
+
+
+def _optional_float(value: object) -> float | None:
+    return None if value is None else float(value)
 
 
 def frame_affine(frame: ModelFrame, center_mm: np.ndarray) -> np.ndarray:
@@ -115,7 +130,10 @@ def resample(
 
 
 def normalise(frame: ModelFrame, image: torch.Tensor) -> torch.Tensor:
-    """Map the foreground's percentiles (low, high) to [0, 1] and clip; same shape out."""
+    """Map the foreground's percentiles (low, high) to [0, 1], or divide by the frame's
+    ``intensity_divisor``, and clip to [0, 1]; same shape out."""
+    if frame.intensity_divisor is not None:
+        return (image / frame.intensity_divisor).clamp(0, 1)
     foreground = image[image > 0]
     if foreground.numel() < 2:
         foreground = image.flatten()

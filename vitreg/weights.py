@@ -75,6 +75,7 @@ class RegistryEntry:
     licence: str
     import_only: bool
     how_to_get: str
+    frame_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def _parse_entry(source: Path, name: str, values: dict) -> RegistryEntry:
         licence=str(values.get("licence", "")),
         import_only=bool(values.get("import_only", False)),
         how_to_get=str(values.get("how_to_get", "")),
+        frame_note=str(values.get("frame_note", "")),
     )
     if not NAME_PATTERN.fullmatch(name):
         raise VitregError(f"{source}: checkpoint name {name!r} is not a plain name")
@@ -530,7 +532,9 @@ def import_official(
     or a bare state dict, loaded with ``weights_only=True``. Keeps only the model tensors,
     drops the ``spatial_trans.grid`` buffer and checks every key and shape against ``config``
     (default: the published 160x192x224 one). ``frame`` defaults to the registry entry's (the
-    IXI data: LIA, 1 mm, 160x192x224), with the shape set to ``config.img_size``.
+    IXI data: LIA, 1 mm, 160x192x224, intensities divided by 255), with the shape set to
+    ``config.img_size``; the entry's ``frame_note`` (what inputs the weights expect) goes into
+    the recipe as ``frame_note``.
     """
     path = Path(path)
     _check_import_name(name)
@@ -542,8 +546,12 @@ def import_official(
         load_state_dict(model, state)
     except VitregError as error:
         raise VitregError(f"{path}: {error}") from None
-    frame = frame or replace(_official_frame(name), shape=tuple(config.img_size))
     recipe = _import_recipe(path, loaded)
+    if frame is None:
+        official, note = _official_frame(name)
+        frame = replace(official, shape=tuple(config.img_size))
+        if note:
+            recipe["frame_note"] = note
     return _write_checkpoint(
         cache_dir() / f"{name}{SUFFIX}", model.state_dict(), config, frame, recipe
     )
@@ -591,13 +599,14 @@ def _model_tensors(path: Path, loaded: object) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _official_frame(name: str) -> ModelFrame:
-    """The frame recorded in the registry for ``name``, else for the official entry."""
+def _official_frame(name: str) -> tuple[ModelFrame, str]:
+    """The frame recorded in the registry for ``name``, else for the official entry, and the
+    entry's note on the inputs it expects ('' if none)."""
     entries = load_registry().entries
     for key in (name, OFFICIAL_NAME):
         if key in entries and entries[key].frame:
-            return ModelFrame.from_dict(entries[key].frame)
-    return ModelFrame()
+            return ModelFrame.from_dict(entries[key].frame), entries[key].frame_note
+    return ModelFrame(), ""
 
 
 def _import_recipe(path: Path, loaded: object) -> dict:
@@ -676,6 +685,7 @@ def checkpoint_info(name_or_path: str) -> dict:
         "description": entry.description,
         "config": VitVNetConfig.from_dict(entry.config).to_dict(),
         "frame": entry.frame,
+        "frame_note": entry.frame_note or None,
         "recipe": None,
         "licence": entry.licence,
         "urls": list(entry.urls),

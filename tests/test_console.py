@@ -1,0 +1,37 @@
+"""The shared terminal helpers: one-line user errors with exit code 2, the download bar."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+
+from vitreg.console import USER_ERROR_EXIT_CODE, download_progress, user_errors
+from vitreg.errors import VitregError
+
+
+def test_a_user_error_is_one_stderr_line_and_exit_code_2(capsys):
+    with pytest.raises(typer.Exit) as stopped, user_errors():
+        raise VitregError("scan.nii.gz: the image\n   is   constant")
+    assert stopped.value.exit_code == USER_ERROR_EXIT_CODE == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == ["vitreg: error: scan.nii.gz: the image is constant"]
+
+
+def test_other_errors_pass_through_untouched(capsys):
+    with pytest.raises(ZeroDivisionError), user_errors():
+        _ = 1 / 0
+    assert capsys.readouterr().err == ""
+
+
+def test_download_progress_follows_the_reported_bytes():
+    bar, report = download_progress(quiet=True)
+    (task,) = bar.tasks
+    report(512, 2048)
+    assert (task.completed, task.total) == (512, 2048)
+    assert bar.disable
+    bar, report = download_progress()
+    (task,) = bar.tasks
+    report(1024, 0)  # a server that sends no length: the total stays unknown
+    assert (task.completed, task.total) == (1024, None)
+    assert not bar.disable

@@ -17,10 +17,12 @@ from vitreg.errors import VitregError
 from vitreg.exchange import (
     TransformItem,
     ants_files,
+    check_affine_out,
     dense_part,
     field_from_transforms,
     inverse_dense_part,
     load_lta,
+    save_affine_out,
     save_ants_transforms,
     save_lta,
 )
@@ -467,3 +469,23 @@ def test_bad_transform_lists_are_user_errors(tmp_path, pair):
         field_from_transforms([garbage], reference=fixed)
     with pytest.raises(VitregError, match="no transforms"):
         field_from_transforms([], reference=fixed)
+    composite = tmp_path / "Composite.h5"
+    composite.write_bytes(b"\x89HDF")
+    with pytest.raises(VitregError, match="Composite.h5: ANTs composite"):
+        field_from_transforms([composite], reference=fixed)
+
+
+def test_affine_out_writes_an_lta_or_an_itk_file_by_its_suffix(tmp_path, pair):
+    fixed, moving = load_image(pair["fixed"]), load_image(pair["moving"])
+    lta = save_affine_out(tmp_path / "affine.lta", affine_ras(), fixed, moving)
+    itk = save_affine_out(tmp_path / "affine.mat", affine_ras(), fixed, moving)
+    np.testing.assert_allclose(load_lta(lta) @ affine_ras(), np.eye(4), atol=1e-9)
+    transform = sitk.ReadTransform(str(itk))  # read back by SimpleITK: LPS fixed -> moving
+    point_ras = np.array([10.0, -20.0, 30.0])
+    moved_lps = transform.TransformPoint(tuple(RAS_TO_LPS @ point_ras))
+    expected = affine_ras()[:3, :3] @ point_ras + affine_ras()[:3, 3]
+    np.testing.assert_allclose(RAS_TO_LPS @ np.array(moved_lps), expected, atol=1e-6)
+    with pytest.raises(VitregError, match="affine.nii.gz: an affine file must end in"):
+        check_affine_out(tmp_path / "affine.nii.gz")
+    with pytest.raises(VitregError, match="does not exist"):
+        check_affine_out(tmp_path / "missing" / "affine.lta")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitreg.affine import check_affine_path, load_affine, save_affine
+from vitreg.affine import AFFINE_SUFFIXES, check_affine_path, load_affine, save_affine
 from vitreg.errors import VitregError
 from vitreg.field import FLOW_FORMATS, DisplacementField, load_flow, save_flow
 from vitreg.image import IMAGE_SUFFIXES, Volume, atomic_path, check_writable
@@ -191,6 +191,31 @@ def save_lta(path: str | Path, affine_ras: np.ndarray, fixed: Volume, moving: Vo
     return path
 
 
+def check_affine_out(path: str | Path) -> Path:
+    """Raise VitregError unless the affine can be written there: an ITK file (.mat, .tfm,
+    .txt) or a FreeSurfer LTA (.lta). Checked before long work."""
+    path = Path(path)
+    if path.name.endswith(".lta"):
+        return check_writable(path, (".lta",))
+    if not path.name.endswith(AFFINE_SUFFIXES):
+        raise VitregError(
+            f"{path}: an affine file must end in {', '.join((*AFFINE_SUFFIXES, '.lta'))}"
+        )
+    check_affine_path(path)
+    return path
+
+
+def save_affine_out(
+    path: str | Path, affine_ras: np.ndarray, fixed: Volume, moving: Volume
+) -> Path:
+    """Write the fixed -> moving affine by the file's suffix: .lta as :func:`save_lta` (with
+    both grids), .mat/.tfm/.txt as an ITK transform (:func:`vitreg.affine.save_affine`)."""
+    path = check_affine_out(path)
+    if path.name.endswith(".lta"):
+        return save_lta(path, affine_ras, fixed, moving)
+    return save_affine(path, affine_ras)
+
+
 def load_lta(path: str | Path) -> np.ndarray:
     """Read a FreeSurfer LTA of type 1 (LINEAR_RAS_TO_RAS): its 4x4 src RAS -> dst RAS map."""
     path = Path(path)
@@ -271,6 +296,11 @@ def load_linear(item: TransformItem) -> np.ndarray:
     path = item.path
     if not path.is_file():
         raise VitregError(f"{path}: no such transform file")
+    if path.name.endswith(".h5"):
+        raise VitregError(
+            f"{path}: ANTs composite (.h5) transforms are not read; list the affine (.mat) and "
+            "the warp (.nii.gz) instead (antsRegistration without --write-composite-transform)"
+        )
     if path.name.endswith(".lta"):
         pull = np.linalg.inv(load_lta(path))
     else:

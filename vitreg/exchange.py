@@ -371,14 +371,15 @@ def field_from_transforms(
         if not isinstance(steps[0], DisplacementField):
             raise VitregError(
                 f"{items[0].path}: the list starts with a linear transform, so the output grid "
-                "is not known; give a reference image (the fixed image)"
+                "is not known; give a reference grid (--reference, e.g. the fixed image)"
             )
         reference = steps[0].grid
-    start = world_points(reference)
+    # float32: 1e-5 mm at 200 mm from the origin, and half the memory of float64.
+    start = world_points(reference).float()
     points = start
     for step in steps:
         if isinstance(step, DisplacementField):
             points = points + displacement_at(step, points)
         else:
             points = apply_affine_to_points(step, points)
-    return DisplacementField(disp_mm=(points - start).float(), grid=reference)
+    return DisplacementField(disp_mm=points - start, grid=reference)

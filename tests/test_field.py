@@ -20,7 +20,7 @@ from vitreg.field import (
     warp_labels_linear,
     warp_labels_nearest,
 )
-from vitreg.image import load_image, load_labels
+from vitreg.image import load_image, load_labels, save
 
 
 def smooth_disp(shape, amplitude_mm=3.0, seed=1) -> torch.Tensor:
@@ -80,13 +80,35 @@ def test_itk_flow_file_is_5d_vector_lps_on_the_fixed_header(tmp_path, oblique_pa
     assert int(image.header["sform_code"]) == int(fixed.header["sform_code"])
 
 
-@pytest.mark.parametrize("flow_format", ["itk", "voxel"])
-def test_flow_round_trips_through_both_formats(tmp_path, oblique_pair, flow_format):
+@pytest.mark.parametrize("flow_format", ["itk", "voxel", "freesurfer"])
+def test_flow_round_trips_through_every_format(tmp_path, oblique_pair, flow_format):
     fixed, _ = oblique_pair
     field = DisplacementField(disp_mm=smooth_disp(fixed.shape), grid=fixed)
-    loaded = load_flow(save_flow(tmp_path / f"{flow_format}.nii.gz", field, flow_format))
+    path = save_flow(tmp_path / f"{flow_format}.nii.gz", field, flow_format)
+    loaded = load_flow(path, flow_format)
     torch.testing.assert_close(loaded.disp_mm, field.disp_mm, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(loaded.grid.affine, fixed.affine, atol=1e-5)
+    if flow_format != "freesurfer":  # 'auto' tells these two apart by their shape
+        torch.testing.assert_close(load_flow(path).disp_mm, field.disp_mm, atol=1e-4, rtol=1e-4)
+
+
+def test_a_freesurfer_flow_must_be_named_and_is_not_an_itk_one(tmp_path, oblique_pair):
+    fixed, _ = oblique_pair
+    field = DisplacementField(disp_mm=smooth_disp(fixed.shape), grid=fixed)
+    itk = save_flow(tmp_path / "itk.nii.gz", field, "itk")
+    with pytest.raises(VitregError, match="itk.nii.gz.*not a displacement field in freesurfer"):
+        load_flow(itk, "freesurfer")
+    with pytest.raises(VitregError, match="unknown flow format 'ras'"):
+        load_flow(itk, "ras")
+
+
+def test_images_saved_on_a_flow_grid_are_plain_3d_images(tmp_path, oblique_pair):
+    fixed, _ = oblique_pair
+    field = DisplacementField(disp_mm=smooth_disp(fixed.shape), grid=fixed)
+    grid = load_flow(save_flow(tmp_path / "flow.nii.gz", field, "itk")).grid
+    path = save(tmp_path / "image.nii.gz", np.ones(grid.shape, np.float32), grid)
+    header = nib.load(path).header
+    assert header.get_intent()[0] == "none" and header["dim"][0] == 3
 
 
 def test_zero_flow_matches_simpleitk_identity_resampling(oblique_pair):

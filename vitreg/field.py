@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -20,7 +21,7 @@ from vitreg.transform import (
     sample_labels,
 )
 
-FLOW_FORMATS = ("itk", "voxel")
+FLOW_FORMATS = ("itk", "voxel", "freesurfer")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ def save_flow(path: str | Path, field: DisplacementField, flow_format: str = "it
     'itk': ITK/ANTs displacement field, 5D (X, Y, Z, 1, 3), vector intent, mm in LPS,
     fixed-to-moving (what antsApplyTransforms and SimpleITK's DisplacementFieldTransform read).
     'voxel': (X, Y, Z, 3) displacements in voxels of the grid, channel i along array axis i.
+    'freesurfer': (X, Y, Z, 3) displacements in RAS mm, no intent, as FreeSurfer's
+    mri_synthmorph writes its deformable transforms: the grid is the fixed image's, and fixed
+    voxel centre x (RAS mm) maps to moving point x + d(x) (FreeSurfer's "disp_ras").
     """
     if flow_format == "itk":
         disp_lps = ras_to_lps(field.disp_mm)[0].permute(1, 2, 3, 0).unsqueeze(3)
@@ -53,6 +57,9 @@ def save_flow(path: str | Path, field: DisplacementField, flow_format: str = "it
     if flow_format == "voxel":
         data = field.to_voxels()[0].permute(1, 2, 3, 0).detach().cpu().numpy()
         return save(path, data.astype(np.float32), field.grid, intent="vector")
+    if flow_format == "freesurfer":
+        data = field.disp_mm[0].permute(1, 2, 3, 0).detach().cpu().numpy()
+        return save(path, data.astype(np.float32), field.grid, intent="none")
     raise VitregError(f"unknown flow format {flow_format!r}; use one of {', '.join(FLOW_FORMATS)}")
 
 
@@ -64,23 +71,40 @@ def check_flow_writable(path: str | Path, flow_format: str = "itk") -> Path:
     return path
 
 
-def load_flow(path: str | Path) -> DisplacementField:
-    """Read a flow written by :func:`save_flow` (ITK 5D or voxel 4D), or by ANTs/SimpleITK."""
+def load_flow(path: str | Path, flow_format: str = "auto") -> DisplacementField:
+    """Read a flow written by :func:`save_flow`, or by ANTs, SimpleITK, greedy or SynthMorph.
+
+    ``flow_format``: 'auto' reads a 5D (X, Y, Z, 1, 3) file as 'itk' and a 4D (X, Y, Z, 3) one
+    as 'voxel'; a FreeSurfer (RAS mm) flow is also 4D, so it must be named: 'freesurfer'.
+    The grid keeps the file's header without its vector intent, so images saved on it are
+    plain 3D images.
+    """
     path = Path(path)
+    if flow_format not in ("auto", *FLOW_FORMATS):
+        raise VitregError(
+            f"unknown flow format {flow_format!r}; use auto or one of {', '.join(FLOW_FORMATS)}"
+        )
     data, affine, header = load_raw(path)
-    if data.ndim == 5 and data.shape[3] == 1 and data.shape[4] == 3:
+    itk_shaped = data.ndim == 5 and data.shape[3] == 1 and data.shape[4] == 3
+    four_d = data.ndim == 4 and data.shape[3] == 3
+    if flow_format == "auto":
+        flow_format = "itk" if itk_shaped else "voxel"
+    if flow_format == "itk" and itk_shaped:
         disp_lps = torch.from_numpy(np.ascontiguousarray(data[:, :, :, 0, :]))
         disp_mm = ras_to_lps(disp_lps.permute(3, 0, 1, 2).unsqueeze(0))
-    elif data.ndim == 4 and data.shape[3] == 3:
-        flow_vox = torch.from_numpy(np.ascontiguousarray(data)).permute(3, 0, 1, 2).unsqueeze(0)
-        disp_mm = flow_vox_to_mm(flow_vox, affine)
+    elif flow_format in ("voxel", "freesurfer") and four_d:
+        disp = torch.from_numpy(np.ascontiguousarray(data)).permute(3, 0, 1, 2).unsqueeze(0)
+        disp_mm = flow_vox_to_mm(disp, affine) if flow_format == "voxel" else disp
     else:
         raise VitregError(
-            f"{path}: shape {data.shape} is not a displacement field; expected ITK (X, Y, Z, 1, 3) "
-            "or voxel (X, Y, Z, 3)"
+            f"{path}: shape {data.shape} is not a displacement field in {flow_format} format; "
+            "expected ITK (X, Y, Z, 1, 3), or voxel or freesurfer (X, Y, Z, 3)"
         )
     if not torch.isfinite(disp_mm).all():
         raise VitregError(f"{path}: the displacement field has NaN or Inf values")
+    if isinstance(header, nib.Nifti1Header):
+        header = header.copy()
+        header.set_intent("none")
     grid = Volume(
         data=np.zeros(data.shape[:3], dtype=np.uint8), affine=affine, header=header, path=path
     )

@@ -23,7 +23,7 @@ import torch
 
 from vitreg.data import TrainBatch
 from vitreg.nets.vitvnet import VitVNet, VitVNetConfig
-from vitreg.register import choose_device
+from vitreg.device import choose_device
 from vitreg.train import TrainRecipe, train_step
 
 

@@ -282,6 +282,12 @@ def help_example(command: tuple[str, ...]) -> list[str]:
     return shlex.split(text)
 
 
+def test_every_command_takes_quiet_and_json():
+    for command in EXAMPLES:
+        text = invoke(*command, "--help").stdout
+        assert "--quiet" in text and "-q" in text and "--json" in text, command
+
+
 def test_every_help_example_runs_as_written(tmp_path, monkeypatch):
     """Each command's --help example, run as written from a folder that holds the shipped
     examples/, succeeds and writes the files it names."""

@@ -254,7 +254,7 @@ def register_batch(
     then 1 (2 for a usage error such as a bad CSV header).
 
     [bold]Example:[/bold] vitreg register-batch examples/pairs.csv --out-dir results
-    --weights none --optimize 20
+    --weights none --optimize 5
     """
     with user_errors():
         from vitreg.batch import register_batch as run_batch
@@ -352,7 +352,7 @@ def evaluate(
     SDlogJ, end-point error against a true flow, wall time and peak memory.
 
     [bold]Example:[/bold] vitreg evaluate examples/pairs.csv --out eval --weights none
-    --optimize 20 --groups
+    --optimize 5 --groups
     """
     with user_errors():
         from vitreg.evaluate import evaluate_csv

@@ -163,7 +163,7 @@ def register(
 
     [bold]Example:[/bold] vitreg register examples/fixed.nii.gz examples/moving.nii.gz
     -o warped.nii.gz --flow flow.nii.gz --fixed-labels examples/fixed_labels.nii.gz
-    --moving-labels examples/moving_labels.nii.gz --weights none --optimize 20
+    --moving-labels examples/moving_labels.nii.gz --weights none --optimize 10
     """
     with user_errors():
         from vitreg.pairs import Pair

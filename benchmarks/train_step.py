@@ -22,8 +22,8 @@ import time
 import torch
 
 from vitreg.data import TrainBatch
+from vitreg.device import choose_device
 from vitreg.nets.vitvnet import VitVNet, VitVNetConfig
-from vitreg.register import choose_device
 from vitreg.train import TrainRecipe, train_step
 
 

@@ -19,6 +19,7 @@ from vitreg.cli import app
 from vitreg.errors import VitregError
 from vitreg.image import load_image
 from vitreg.nets.vitvnet import VitVNet
+from vitreg.pairs import Pair
 from vitreg.register import register
 from vitreg.weights import build_model, read_checkpoint
 
@@ -100,7 +101,7 @@ def test_batch_continues_past_a_broken_row_and_exits_1(cohort, first_run):
     assert labels.get_data_dtype() == np.uint8
     assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 2, 41}
     assert 0 < by_name["sub01"]["dice_after"] <= 1 and "dice_after" not in by_name["sub02_moving"]
-    assert 0 <= by_name["sub01"]["percent_folding"] <= 100
+    assert 0 <= by_name["sub01"]["percent_nonpositive"] <= 100
     assert not any(out.glob("sub03*")) and failed["warped"] == failed["flow"] == ""
 
 
@@ -192,7 +193,7 @@ def test_bad_rows_are_named_when_loaded(tmp_path):
     ]  # fmt: skip
     for fields, expected in cases:
         with pytest.raises(VitregError, match=expected):
-            batch.load_pair(batch.PairRow(row=2, name="x", **fields))
+            batch.load_pair(Pair(row=2, name="x", **fields))
 
 
 def test_a_bug_in_the_loading_thread_reaches_the_caller(tmp_path, monkeypatch):
@@ -311,7 +312,7 @@ def test_batch_size_is_not_a_setting_a_rerun_keeps_the_pairs_done(grouped, monke
 
 
 def test_batch_size_below_one_is_a_usage_error(grouped, monkeypatch):
-    with pytest.raises(VitregError, match="--batch-size 0: must be at least 1"):
+    with pytest.raises(VitregError, match="batch_size=0: must be at least 1"):
         batch.register_batch(grouped / "pairs.csv", grouped / "never", batch_size=0)
     result = runner.invoke(
         app, ["register-batch", str(grouped / "pairs.csv"), "--out-dir", str(grouped / "never"),

@@ -11,13 +11,15 @@ import torch
 from typer.testing import CliRunner
 
 from tests.volumes import grid_affine, world_head, write
+from vitreg.assess import end_point_error
 from vitreg.cli import app
 from vitreg.errors import VitregError
-from vitreg.evaluate import PeakMemory, end_point_error, evaluate, group_dice, read_pairs
+from vitreg.evaluate import PeakMemory, evaluate, group_dice
 from vitreg.field import DisplacementField, load_flow, save_flow
 from vitreg.frame import ModelFrame
 from vitreg.image import load_image
 from vitreg.nets.vitvnet import VitVNet, VitVNetConfig
+from vitreg.pairs import check_pairs, read_pairs
 from vitreg.weights import save_checkpoint
 
 SHAPE = (30, 34, 28)
@@ -77,10 +79,10 @@ def test_pairs_file_paths_are_relative_to_it_and_bad_rows_are_user_errors(pairs_
     assert pairs[1].true_flow is None
     bad = tmp_path / "bad.csv"
     bad.write_text("fixed,moving\nnothere.nii.gz,alsonot.nii.gz\n")
-    with pytest.raises(VitregError, match=r"bad.csv:2: fixed .*no such file"):
-        read_pairs(bad)
+    with pytest.raises(VitregError, match=r"bad.csv: 1 bad row\(s\): .*bad.csv:2: fixed .*no such"):
+        check_pairs(read_pairs(bad))
     bad.write_text("fixed,labels\na,b\n")
-    with pytest.raises(VitregError, match="fixed and moving"):
+    with pytest.raises(VitregError, match="no moving column"):
         read_pairs(bad)
 
 

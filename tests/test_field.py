@@ -98,7 +98,7 @@ def test_a_freesurfer_flow_must_be_named_and_is_not_an_itk_one(tmp_path, oblique
     itk = save_flow(tmp_path / "itk.nii.gz", field, "itk")
     with pytest.raises(VitregError, match="itk.nii.gz.*not a displacement field in freesurfer"):
         load_flow(itk, "freesurfer")
-    with pytest.raises(VitregError, match="unknown flow format 'ras'"):
+    with pytest.raises(VitregError, match="flow_format='ras': expected auto or one of"):
         load_flow(itk, "ras")
 
 

@@ -202,7 +202,7 @@ def test_a_file_larger_than_registered_is_stopped(monkeypatch, tmp_path, checkpo
         with pytest.raises(
             VitregError, match=f"larger than the registry's {len(checkpoint_bytes)}"
         ):
-            fetch("small", progress=False)
+            fetch("small", progress=None)
     assert cache_files(cache) == []
 
 
@@ -210,7 +210,7 @@ def test_dropped_connection_leaves_no_partial_file(monkeypatch, tmp_path, checkp
     with Server({FILE: checkpoint_bytes}, drop_after=1000) as server:
         cache = use_registry(monkeypatch, tmp_path, server.url + FILE, checkpoint_bytes)
         with pytest.raises(VitregError, match="could not download checkpoint 'small'") as error:
-            fetch("small", progress=False)
+            fetch("small", progress=None)
     assert f"of {len(checkpoint_bytes)} bytes" in str(error.value)
     assert "nothing was written" in str(error.value)
     assert cache_files(cache) == []
@@ -222,7 +222,7 @@ def test_second_mirror_is_tried_after_a_failed_one(monkeypatch, tmp_path, checkp
         registry = json.loads((tmp_path / "registry.json").read_text())
         registry["checkpoints"]["small"]["urls"].insert(0, server.url + "/missing")
         (tmp_path / "registry.json").write_text(json.dumps(registry))
-        assert fetch("small", progress=False).read_bytes() == checkpoint_bytes
+        assert fetch("small", progress=None).read_bytes() == checkpoint_bytes
         assert server.gets == {"/missing": 1, FILE: 1}
 
 
@@ -251,7 +251,7 @@ def test_two_concurrent_fetches_download_once(monkeypatch, tmp_path, checkpoint_
         cache = use_registry(monkeypatch, tmp_path, server.url + FILE, checkpoint_bytes)
         code = (
             "from vitreg.weights import fetch; print('ready', flush=True); "
-            "print(fetch('small', progress=False))"
+            "print(fetch('small', progress=None))"
         )
         processes = [
             subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

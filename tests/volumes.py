@@ -42,14 +42,18 @@ def write(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     return path
 
 
-def world_head(affine: np.ndarray, shape, shift_mm=(0.0, 0.0, 0.0)) -> np.ndarray:
+def world_head(affine: np.ndarray, shape, shift_mm=(0.0, 0.0, 0.0), wave_mm=0.0) -> np.ndarray:
     """A smooth textured ellipsoid defined in world mm, sampled on any grid: (X, Y, Z) float32.
 
     The content is shifted by ``shift_mm`` (content at world x moves to x + shift), so two grids
-    in any orientations see the same object, or the same object moved.
+    in any orientations see the same object, or the same object moved; ``wave_mm`` also bends
+    it by a smooth non-linear displacement of that amplitude (sines of about 55 mm period, no
+    folding below 8 mm).
     """
     index = np.indices(shape).reshape(3, -1).astype(float)
     world = affine[:3, :3] @ index + affine[:3, 3:4] - np.asarray(shift_mm, float)[:, None]
+    x, y, z = world
+    world = world - wave_mm * np.stack([np.sin(y / 9.0), np.sin(z / 8.0), np.sin(x / 10.0)])
     x, y, z = world
     radius = np.sqrt((x / 24) ** 2 + (y / 28) ** 2 + (z / 22) ** 2)
     texture = 2 + np.sin(x / 4.0) * np.cos(y / 5.0) + np.sin(z / 3.5 + x / 7.0)
@@ -86,8 +90,13 @@ def ball_and_shell(shape=(40, 40, 40)) -> tuple[np.ndarray, np.ndarray]:
     return ball.astype(np.float32), shell.astype(np.float32)
 
 
-def simpleitk_applies_flow(flow: Path, moving: Path, fixed: Path) -> np.ndarray:
-    """MOVING resampled onto FIXED by SimpleITK with the ITK displacement field FLOW: (X, Y, Z)."""
+def simpleitk_applies_flow(
+    flow: Path, moving: Path, fixed: Path, nearest: bool = False
+) -> np.ndarray:
+    """MOVING resampled onto FIXED by SimpleITK with the ITK displacement field FLOW: (X, Y, Z).
+
+    Trilinear, or nearest neighbour (for label maps) with ``nearest``.
+    """
     import SimpleITK as sitk
 
     transform = sitk.DisplacementFieldTransform(
@@ -97,7 +106,7 @@ def simpleitk_applies_flow(flow: Path, moving: Path, fixed: Path) -> np.ndarray:
         sitk.ReadImage(str(moving)),
         sitk.ReadImage(str(fixed)),
         transform,
-        sitk.sitkLinear,
+        sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
         0.0,
         sitk.sitkFloat32,
     )

@@ -16,7 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from vitreg.errors import VitregError
-from vitreg.image import Volume, atomic_path
+from vitreg.files import atomic_path
+from vitreg.image import Volume
 
 # RAS <-> LPS: negate the first two world axes (its own inverse).
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])

@@ -1,21 +1,63 @@
-"""Terminal output shared by the command-line modules: stderr console and user-error exit."""
+"""Terminal output of the command line: user errors, messages, progress bars and results.
+
+Messages and progress go to stderr; stdout carries only results (a table, or JSON with
+``--json``). Library errors name Python parameters; :func:`user_errors` shows them as flags.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
 
-from vitreg.errors import VitregError
+from vitreg.errors import NO_VALUE, VitregError
 
-# Messages and progress go to stderr; stdout carries only results (tables or --json).
 stderr = Console(stderr=True, soft_wrap=True)
 stdout = Console()
 
+# Options every command that prints, or computes, shares.
+JsonOption = Annotated[bool, typer.Option("--json", help="Print only JSON on stdout.")]
+QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="No progress, messages or table.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
 USER_ERROR_EXIT_CODE = 2
+FLAGS = {
+    "atlas_is_moving": "--atlas-moving",
+    "labels": "--fixed-labels and --moving-labels",
+    "csv_out": "--csv",
+    "out_dir": "--out-dir",
+}
+"""Library parameters whose flag is not ``--`` + the name with dashes."""
+
+
+def flag_spelling(name: str, value: object = NO_VALUE) -> str:
+    """A library parameter as the command line spells it: ``--name value``, ``--name`` or
+    ``--no-name`` for booleans, sequences as ``4,2``."""
+    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    if value is NO_VALUE or value is True:
+        return flag
+    if value is False:
+        return "--no-" + flag.removeprefix("--")
+    if isinstance(value, tuple | list):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {value}"
 
 
 @contextmanager
@@ -24,13 +66,82 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except VitregError as error:
-        message = " ".join(str(error).split())
+        message = error_text(error)
         stderr.print(f"[bold red]vitreg: error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
 
-def download_progress(quiet: bool = False) -> tuple[Progress, Callable[[int, int], None]]:
-    """A rich byte-count progress bar on stderr and the (done, total) callback that drives it."""
+def error_text(error: VitregError) -> str:
+    """The error's message on one line, its parameters spelled as flags."""
+    return " ".join(error.render(flag_spelling).split())
+
+
+def say(quiet: bool, message: str, style: str = "") -> None:
+    """A message on stderr, unless ``quiet``."""
+    if not quiet:
+        stderr.print(f"[{style}]{message}[/]" if style else message, highlight=False)
+
+
+def warn(quiet: bool, warnings: tuple[str, ...] | list[str]) -> None:
+    """Each warning as ``vitreg: warning: ...`` on stderr, unless ``quiet``."""
+    for warning in warnings:
+        say(quiet, f"[yellow]vitreg: warning:[/] {warning}")
+
+
+def show_result(
+    title: str, rows: list[tuple[str, str]], data: object, as_json: bool, quiet: bool
+) -> None:
+    """The result on stdout: ``data`` as one line of JSON with ``as_json``, else a two-column
+    table of ``rows`` unless ``quiet``."""
+    if as_json:
+        print(json.dumps(data))
+    elif not quiet:
+        show_table(title, ["", ""], [list(row) for row in rows], header=False)
+
+
+def show_table(title: str, columns: list[str], rows: list[list[str]], header: bool = True) -> None:
+    """A table on stdout; numbers (and the first column but text) right-aligned."""
+    table = Table(title=title, show_header=header)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    stdout.print(table)
+
+
+@contextmanager
+def stage_progress(quiet: bool, header: str = "") -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(stage, done, total)`` callback drawing one bar per stage on stderr.
+
+    ``header`` is printed when the first stage is reported (once the inputs are checked).
+    """
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=quiet,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if not tasks and header and not quiet:
+            bar.console.print(header, highlight=False)
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    with bar:
+        yield report
+
+
+@contextmanager
+def download_progress(quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A ``report(bytes_done, bytes_total)`` callback drawing a download bar on stderr."""
     bar = Progress(
         "{task.description}",
         BarColumn(),
@@ -45,4 +156,62 @@ def download_progress(quiet: bool = False) -> tuple[Progress, Callable[[int, int
     def report(done: int, total: int) -> None:
         bar.update(task, completed=done, total=total or None)
 
-    return bar, report
+    with bar:
+        yield report
+
+
+class _StepsPerSecond(ProgressColumn):
+    """Steps per second of a task (rich's own speed columns count bytes)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} it/s" if speed else "- it/s")
+
+
+@contextmanager
+def train_progress(quiet: bool) -> Iterator[Callable[[str, int, int, dict], None]]:
+    """The callback :func:`vitreg.train.train` drives: a bar (loss, it/s, ETA) per stage on
+    stderr and one line per finished epoch."""
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[loss]}"),
+        _StepsPerSecond(),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=quiet,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int, info: dict) -> None:
+        if stage == "epoch":
+            say(quiet, epoch_line(info, total))
+            return
+        description = f"epoch {info['epoch']}/{info['epochs']}" if stage == "train" else stage
+        if stage not in tasks or (stage == "train" and done == 1):
+            if stage in tasks:
+                bar.remove_task(tasks[stage])
+            tasks[stage] = bar.add_task(description, total=total, loss="")
+        loss = f"loss {info['loss']:.5f}" if "loss" in info else ""
+        bar.update(tasks[stage], completed=done, total=total, description=description, loss=loss)
+        if stage == "validate" and done == total:
+            bar.remove_task(tasks.pop(stage))
+
+    with bar:
+        yield report
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """One stderr line per finished epoch."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.5f}"]
+    for key, label, digits in (
+        ("val_loss", "val loss", 5),
+        ("val_dice", "val Dice", 4),
+        ("val_folding_percent", "% folded", 4),
+    ):
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.{digits}f}")
+    parts.append(f"{row['seconds']:.1f} s")
+    return ", ".join(parts)

@@ -31,9 +31,7 @@ disk; a source that synthesises images on the GPU plugs in the same way.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -46,9 +44,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from vitreg.errors import VitregError
+from vitreg.errors import OptionError, VitregError
+from vitreg.files import atomic_path, make_folder, write_text
 from vitreg.frame import ModelFrame, frame_affine, frame_image, frame_labels
-from vitreg.image import Volume, atomic_path, load_image, load_labels, read_grid
+from vitreg.image import Volume, load_image, load_labels, read_grid
+from vitreg.pairs import Pair, check_pairs, pairs_from_rows, read_table
 
 PICKLE_ORIENTATION = "LIA"  # TransMorph's IXI arrays: 1 mm voxels, axes Left, Inferior, Anterior
 OASIS_IMAGE = "aligned_norm.nii.gz"
@@ -146,7 +146,7 @@ def read_dataset(
     if path.is_dir():
         if (path / "atlas.pkl").is_file() or any(path.glob("Train/*.pkl")):
             if atlas is not None:
-                raise VitregError(f"{path}: the IXI layout brings its own atlas.pkl; drop --atlas")
+                raise OptionError("atlas", atlas, f"{path} is an IXI folder with its own atlas.pkl")
             return read_ixi(path)
         dataset = read_oasis(path, val_fraction)
     elif path.is_file():
@@ -155,9 +155,9 @@ def read_dataset(
         raise VitregError(f"{path}: no such CSV file or data folder")
     if atlas is not None:
         if dataset.mode == "pairs":
-            raise VitregError(f"{path}: --atlas goes with a list of images, not explicit pairs")
+            raise OptionError("atlas", atlas, f"goes with a list of images; {path} lists pairs")
         atlas_path = Path(atlas)
-        atlas_file = ImageFile(atlas_path, where="--atlas", pickled=atlas_path.suffix == ".pkl")
+        atlas_file = ImageFile(atlas_path, where="{atlas}", pickled=atlas_path.suffix == ".pkl")
         return Dataset(
             mode="atlas",
             origin=dataset.origin,
@@ -172,62 +172,82 @@ def read_dataset(
 def _holdout(rows: list, val_fraction: float) -> tuple[list, list]:
     """Last ``val_fraction`` of ``rows`` (at least one, if any) held out for validation."""
     if not 0 <= val_fraction < 1:
-        raise VitregError(f"--val-fraction {val_fraction}: expected 0 <= fraction < 1")
+        raise OptionError("val_fraction", val_fraction, "expected 0 <= fraction < 1")
     count = math.ceil(len(rows) * val_fraction) if len(rows) > 2 else 0
     return rows[: len(rows) - count], rows[len(rows) - count :]
 
 
 def read_csv(path: str | Path, val_fraction: float = 0.1) -> Dataset:
-    """Read a CSV of images (``image[,labels][,split]``) or of pairs (``fixed,moving,...``)."""
+    """Read a CSV of images (``image[,labels][,split]``) or of pairs (the pairs file of
+    :mod:`vitreg.pairs`, with its ``split`` column); every bad row is named in one error."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise VitregError(f"{path}: cannot read the CSV ({error})") from None
-    reader = csv.DictReader(io.StringIO(text))
-    columns = {name.strip().lower() for name in reader.fieldnames or []}
-    if {"fixed", "moving"} <= columns:
-        mode = "pairs"
+    columns, rows = read_table(path)
+    if {"fixed", "moving"} <= set(columns):
+        pairs = pairs_from_rows(path, columns, rows, unique_names=False)
+        check_pairs(pairs)
+        mode, entries = "pairs", _pair_entries(path, pairs)
     elif "image" in columns:
-        mode = "images"
+        mode, entries = "images", _image_entries(path, rows)
     else:
         raise VitregError(
             f"{path}: a training CSV needs a header with 'image' (one image per row) or "
             f"'fixed,moving' (explicit pairs); found {sorted(columns)}"
         )
-    folder = path.parent
-    rows: dict[str, list] = {split: [] for split in SPLITS}
-    problems = []
-    for line, raw in enumerate(reader, start=2):
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
-        where = f"{path.name} line {line}"
-        split = row.get("split", "").lower() or "train"
-        if split not in SPLITS:
-            problems.append(f"{where}: split {row['split']!r} is not train, val or test")
-            continue
-        if mode == "images":
-            if not row.get("image"):
-                problems.append(f"{where}: the 'image' cell is empty")
-                continue
-            rows[split].append(_image_file(folder, row["image"], row.get("labels", ""), where))
-        else:
-            if not row.get("fixed") or not row.get("moving"):
-                problems.append(f"{where}: 'fixed' and 'moving' must both be given")
-                continue
-            rows[split].append(
-                (
-                    _image_file(folder, row["fixed"], row.get("fixed_labels", ""), where),
-                    _image_file(folder, row["moving"], row.get("moving_labels", ""), where),
-                )
-            )
+    problems = [entry for entry in entries if isinstance(entry, str)]
     if problems:
         raise VitregError(f"{path}: {len(problems)} bad row(s): " + "; ".join(problems))
-    train, val = rows["train"], rows["val"]
+    by_split: dict[str, list] = {split: [] for split in SPLITS}
+    for split, item in entries:
+        by_split[split].append(item)
+    train, val = by_split["train"], by_split["val"]
     if not val:
         train, val = _holdout(train, val_fraction)
     if not train:
         raise VitregError(f"{path}: no training rows")
     return Dataset(mode=mode, origin=path, train=tuple(train), val=tuple(val))
+
+
+def _split_of(where: str, cells: dict[str, str]) -> str:
+    """The row's split (train when empty); VitregError naming the row for anything else."""
+    split = (cells.get("split") or "train").lower()
+    if split not in SPLITS:
+        raise VitregError(f"{where}: split {cells.get('split')!r} is not train, val or test")
+    return split
+
+
+def _image_entries(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list:
+    """(split, ImageFile) per row of an image list, or the row's problem as a string."""
+    entries: list = []
+    for line, cells in rows:
+        where = f"{path.name} line {line}"
+        try:
+            split = _split_of(where, cells)
+        except VitregError as error:
+            entries.append(str(error))
+            continue
+        if not cells.get("image"):
+            entries.append(f"{where}: the 'image' cell is empty")
+            continue
+        entries.append(
+            (split, _image_file(path.parent, cells["image"], cells.get("labels", ""), where))
+        )
+    return entries
+
+
+def _pair_entries(path: Path, pairs: list[Pair]) -> list:
+    """(split, (fixed, moving) ImageFiles) per pair, or the row's problem as a string."""
+    entries: list = []
+    for pair in pairs:
+        where = f"{path.name} line {pair.row}"
+        try:
+            split = _split_of(where, {"split": pair.split})
+        except VitregError as error:
+            entries.append(str(error))
+            continue
+        fixed = ImageFile(pair.fixed, pair.fixed_labels, where, pair.fixed.suffix == ".pkl")
+        moving = ImageFile(pair.moving, pair.moving_labels, where, pair.moving.suffix == ".pkl")
+        entries.append((split, (fixed, moving)))
+    return entries
 
 
 def _image_file(folder: Path, image: str, labels: str, where: str) -> ImageFile:
@@ -496,8 +516,7 @@ def build_cache_entry(entry: CacheEntry, frame: ModelFrame, grid_affine: np.ndar
         _save_npy(entry.labels_path, framed_labels.astype(np.int32))
         values = [int(v) for v in np.unique(framed_labels)]
     info = {"image": str(entry.item.image), "label_values": values}
-    with atomic_path(entry.info_path) as temporary:
-        temporary.write_text(json.dumps(info))
+    write_text(entry.info_path, json.dumps(info))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -681,11 +700,7 @@ def pair_indices(dataset: Dataset) -> tuple[list, list, list, list[ImageFile]]:
 
 def cache_folder(output: Path, cache: Path | None) -> Path:
     """The cache folder (``<output>/cache`` unless given), created."""
-    folder = cache or output / "cache"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise VitregError(f"{folder}: cannot create the cache folder ({error.strerror})") from None
+    folder = make_folder(cache or output / "cache", "cache folder")
     if not os.access(folder, os.W_OK):
         raise VitregError(f"{folder}: the cache folder is not writable")
     return folder

@@ -1,18 +1,14 @@
 """Evaluate registration on a list of pairs: Dice, folding, end-point error, time and memory.
 
-A pairs file is a CSV with a header; ``fixed`` and ``moving`` are required, the other
-columns optional: ``fixed_labels``/``moving_labels`` (label maps on the images' grids),
-``true_flow`` (the ground-truth pull field on the fixed grid, ITK or voxel format as
-:func:`vitreg.field.load_flow` reads), ``mask`` (where folding, end-point error and
-correlation are measured; default the fixed image's foreground), ``lut`` (label names,
-'index name' lines; default FreeSurfer), ``set`` (the group a pair is summarised in) and
-``name``. Relative paths are relative to the CSV's folder.
+The pairs file is the one :mod:`vitreg.pairs` reads: ``fixed`` and ``moving``, optional
+``fixed_labels``/``moving_labels``, ``true_flow`` (the ground-truth pull field on the fixed
+grid), ``mask`` (where folding, end-point error and correlation are measured; default the
+fixed image's foreground), ``lut`` (label names), ``set`` (the group a pair is summarised in)
+and ``name``. Every row is checked before the first registration.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -27,21 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitreg.errors import VitregError
-from vitreg.field import (
-    DisplacementField,
-    check_same_grid,
-    load_flow,
-    warp_image,
-    warp_labels_nearest,
-)
-from vitreg.frame import foreground_mask
-from vitreg.image import Volume, atomic_path, load_image, load_labels
-from vitreg.labels import FREESURFER_ASEG, read_lut, structure_group
-from vitreg.metrics import dice_per_label, folding, jacobian_determinant
-from vitreg.register import Progress, register
+from vitreg.assess import assess
+from vitreg.device import choose_device
+from vitreg.field import DisplacementField, check_same_grid, warp_image
+from vitreg.files import csv_text, make_folder, write_text
+from vitreg.frame import ModelFrame
+from vitreg.labels import structure_group
+from vitreg.nets.vitvnet import VitVNet
+from vitreg.pairs import LoadedPair, Pair, check_pairs, load_pair, read_pairs
+from vitreg.register import Progress, RegisterSettings, register, settings_from
+from vitreg.weights import load_model
 
-PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "true_flow", "mask", "lut")
 SUMMARY_METRICS = (
     "dice_mean",
     "percent_nonpositive",
@@ -55,60 +47,6 @@ SUMMARY_METRICS = (
     "peak_memory_mib",
 )
 MEMORY_SAMPLE_SECONDS = 0.02
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One row of a pairs file, paths resolved; optional files are None when absent."""
-
-    name: str
-    set: str
-    fixed: Path
-    moving: Path
-    fixed_labels: Path | None = None
-    moving_labels: Path | None = None
-    true_flow: Path | None = None
-    mask: Path | None = None
-    lut: Path | None = None
-
-
-def read_pairs(path: str | Path) -> list[Pair]:
-    """Read a pairs CSV (see the module docstring); a malformed file is a user error."""
-    path = Path(path)
-    if not path.is_file():
-        raise VitregError(f"{path}: no such pairs file")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or ())
-        if not {"fixed", "moving"} <= columns:
-            raise VitregError(f"{path}: the header must name the columns fixed and moving")
-        pairs = []
-        for number, row in enumerate(reader, start=2):
-            values = {key: (row.get(key) or "").strip() for key in columns}
-            if not values["fixed"] or not values["moving"]:
-                raise VitregError(f"{path}:{number}: fixed and moving must both be given")
-            if bool(values.get("fixed_labels")) != bool(values.get("moving_labels")):
-                raise VitregError(f"{path}:{number}: fixed_labels and moving_labels go together")
-            files = {
-                key: (path.parent / values[key]) if values.get(key) else None
-                for key in PATH_COLUMNS
-            }
-            for key, file in files.items():
-                if file is not None and not file.exists():
-                    raise VitregError(f"{path}:{number}: {key} {file}: no such file")
-            pairs.append(
-                Pair(
-                    name=values.get("name") or f"pair{len(pairs) + 1}",
-                    set=values.get("set") or "all",
-                    **files,
-                )
-            )
-    if not pairs:
-        raise VitregError(f"{path}: no pairs listed")
-    names = [pair.name for pair in pairs]
-    if len(set(names)) != len(names):
-        raise VitregError(f"{path}: pair names must be unique")
-    return pairs
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -178,56 +116,6 @@ class PeakMemory:
 # ------------------------------------------------------------------------------------ metrics
 
 
-@dataclass(frozen=True)
-class LoadedPair:
-    """A pair's volumes, on disk-checked grids; ``mask`` is (X, Y, Z) bool on the fixed grid."""
-
-    pair: Pair
-    fixed: Volume
-    moving: Volume
-    fixed_labels: Volume | None
-    moving_labels: Volume | None
-    true_field: DisplacementField | None
-    mask: np.ndarray
-    names: dict[int, str]
-
-
-def load_pair(pair: Pair) -> LoadedPair:
-    """Read every file of ``pair`` and check that the fixed-side files share the fixed grid."""
-    fixed, moving = load_image(pair.fixed), load_image(pair.moving)
-    fixed_labels = moving_labels = None
-    if pair.fixed_labels is not None and pair.moving_labels is not None:
-        fixed_labels = load_labels(pair.fixed_labels)
-        moving_labels = load_labels(pair.moving_labels)
-        check_same_grid(fixed, fixed_labels)
-    true_field = None
-    if pair.true_flow is not None:
-        true_field = load_flow(pair.true_flow)
-        check_same_grid(fixed, true_field.grid)
-    if pair.mask is not None:
-        mask_volume = load_labels(pair.mask)
-        check_same_grid(fixed, mask_volume)
-        mask = mask_volume.data > 0
-    else:
-        mask = foreground_mask(fixed.data)
-    if not mask.any():
-        raise VitregError(f"{pair.mask or pair.fixed}: the mask is empty")
-    names = read_lut(pair.lut) if pair.lut is not None else FREESURFER_ASEG
-    return LoadedPair(pair, fixed, moving, fixed_labels, moving_labels, true_field, mask, names)
-
-
-def end_point_error(
-    estimate: DisplacementField, truth: DisplacementField, mask: np.ndarray | None = None
-) -> float:
-    """Mean length in mm of ``estimate - truth`` (both on one grid), over ``mask`` voxels.
-
-    ``mask`` is (X, Y, Z) bool on the grid; None means every voxel.
-    """
-    check_same_grid(truth.grid, estimate.grid)
-    error = (estimate.disp_mm.float() - truth.disp_mm.float())[0].norm(dim=0).numpy()
-    return float(error[mask].mean() if mask is not None else error.mean())
-
-
 def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     """Pearson correlation of two (X, Y, Z) images over ``mask`` voxels (0 if one is flat)."""
     first, second = a[mask].astype(np.float64), b[mask].astype(np.float64)
@@ -263,31 +151,26 @@ def field_metrics(
 ) -> PairMetrics:
     """Metrics of a pull field on the fixed grid, whichever method produced it.
 
-    Labels are warped with nearest neighbour, Jacobian determinants are taken on the fixed
-    grid's voxels and counted in the mask, end-point error and image correlation (fixed
-    against the warped moving image, trilinear) are measured in the mask.
+    :func:`vitreg.assess.assess` gives Dice (labels warped by nearest neighbour), folding and
+    SDlogJ (det J on the fixed grid's voxels, counted in the mask) and the end-point error
+    in the mask; the image correlation (fixed against the warped moving image, trilinear) is
+    measured in the mask too.
     """
     check_same_grid(loaded.fixed, field.grid)
-    dice = None
-    if loaded.fixed_labels is not None and loaded.moving_labels is not None:
-        warped_labels = warp_labels_nearest(loaded.moving_labels, field, device)
-        dice = dice_per_label(loaded.fixed_labels.data, warped_labels)
-    jacdet = jacobian_determinant(field.to_voxels()[0].numpy())
-    fold = folding(jacdet, loaded.mask)
+    measured = assess(
+        field, loaded.fixed, loaded.labels, loaded.mask, loaded.true_field, device=device
+    )
+    dice = measured.dice_after
     identity = DisplacementField(disp_mm=torch.zeros_like(field.disp_mm), grid=field.grid)
     before = warp_image(loaded.moving, identity, device)
     after = warp_image(loaded.moving, field, device)
     return PairMetrics(
         dice=dice.scores if dice is not None else None,
         dice_mean=dice.mean if dice is not None else None,
-        count_nonpositive=fold.count_nonpositive,
-        percent_nonpositive=fold.percent_nonpositive,
-        sdlogj=fold.sdlogj,
-        epe_mm=(
-            end_point_error(field, loaded.true_field, loaded.mask)
-            if loaded.true_field is not None
-            else None
-        ),
+        count_nonpositive=measured.folding.count_nonpositive,
+        percent_nonpositive=measured.folding.percent_nonpositive,
+        sdlogj=measured.folding.sdlogj,
+        epe_mm=measured.epe_mm,
         correlation_before=correlation(loaded.fixed.data, before, loaded.mask),
         correlation_after=correlation(loaded.fixed.data, after, loaded.mask),
     )
@@ -354,33 +237,72 @@ def measure(
 
 
 def evaluate(
-    pairs: Sequence[Pair], progress: Progress | None = None, **register_options: object
+    pairs: Sequence[Pair],
+    model: VitVNet | None = None,
+    frame: ModelFrame | None = None,
+    settings: RegisterSettings | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+    **register_options: object,
 ) -> list[PairResult]:
     """Register every pair with :func:`vitreg.register.register` and score it.
 
-    ``register_options`` go to ``register`` unchanged (``model``, ``frame``, ``optimize``,
-    ``smoothness``, ``device`` and any later option); ``progress`` sees ('pairs', done,
-    total) and the registration's own stages.
+    ``settings`` (or, instead, its fields as ``register_options``) and ``model``, ``frame``
+    and ``device`` go to ``register``; ``progress`` sees ('pairs', done, total) and the
+    registration's own stages.
     """
+    settings = settings_from(settings, register_options)
+    device_name = str(choose_device(device))
     results = []
     for done, pair in enumerate(pairs):
         if progress is not None:
             progress("pairs", done, len(pairs))
         loaded = load_pair(pair)
-        device = str(register_options.get("device", "auto"))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
 
         def run(loaded: LoadedPair = loaded) -> DisplacementField:
             registration = register(
-                loaded.fixed, loaded.moving, progress=progress, **register_options
-            )
+                loaded.fixed, loaded.moving, model, frame, device=device_name,
+                progress=progress, settings=settings,
+            )  # fmt: skip
             return registration.field
 
-        results.append(measure(loaded, run, device))
+        results.append(measure(loaded, run, device_name))
     if progress is not None:
         progress("pairs", len(pairs), len(pairs))
     return results
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate_csv` did: the results per pair, their summary and the files."""
+
+    results: list[PairResult]
+    summary: dict
+    written: dict[str, Path]
+
+
+def evaluate_csv(
+    csv_path: str | Path,
+    out_dir: str | Path,
+    model: VitVNet | str | Path | None = None,
+    frame: ModelFrame | None = None,
+    settings: RegisterSettings | None = None,
+    device: str = "auto",
+    groups: bool = False,
+    progress: Progress | None = None,
+    offline: bool | None = None,
+) -> Evaluation:
+    """``vitreg evaluate`` in one call: check every row of the pairs file, load ``model`` (a
+    network, or a checkpoint name or path with its frame), evaluate, summarise and write
+    (:func:`write_results`)."""
+    settings = settings or RegisterSettings()
+    choose_device(device)
+    pairs = read_pairs(csv_path)
+    check_pairs(pairs)
+    network, frame = load_model(model, frame, offline)
+    results = evaluate(pairs, network, frame, settings, device, progress)
+    summary = summarise(results)
+    return Evaluation(results, summary, write_results(out_dir, results, summary, groups))
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -445,33 +367,15 @@ def dice_rows(results: Sequence[PairResult], groups: bool = False) -> list[dict]
     return rows
 
 
-def _csv_text(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def write_results(
     out_dir: str | Path, results: Sequence[PairResult], summary: dict, groups: bool = False
 ) -> dict[str, Path]:
     """Write ``results.csv`` (one row per pair), ``dice.csv`` (per structure, or per group)
     and ``summary.json`` into ``out_dir`` (created), each atomically."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise VitregError(f"{out_dir}: cannot create the folder ({error.strerror})") from None
+    out_dir = make_folder(out_dir)
     texts = {
-        "results": ("results.csv", _csv_text([result.row() for result in results])),
-        "dice": ("dice.csv", _csv_text(dice_rows(results, groups))),
+        "results": ("results.csv", csv_text([result.row() for result in results])),
+        "dice": ("dice.csv", csv_text(dice_rows(results, groups))),
         "summary": ("summary.json", json.dumps(summary, indent=2) + "\n"),
     }
-    written = {}
-    for key, (name, text) in texts.items():
-        with atomic_path(out_dir / name) as temporary:
-            temporary.write_text(text, newline="")
-        written[key] = out_dir / name
-    return written
+    return {key: write_text(out_dir / name, text) for key, (name, text) in texts.items()}

@@ -9,9 +9,18 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from vitreg.errors import VitregError
+from vitreg.device import choose_device
+from vitreg.errors import OptionError, VitregError
 from vitreg.frame import grid_coordinates
-from vitreg.image import Volume, check_writable, load_raw, save
+from vitreg.image import (
+    Volume,
+    check_writable,
+    label_dtype,
+    load_image,
+    load_labels,
+    load_raw,
+    save,
+)
 from vitreg.transform import (
     flow_mm_to_vox,
     flow_vox_to_mm,
@@ -60,7 +69,7 @@ def save_flow(path: str | Path, field: DisplacementField, flow_format: str = "it
     if flow_format == "freesurfer":
         data = field.disp_mm[0].permute(1, 2, 3, 0).detach().cpu().numpy()
         return save(path, data.astype(np.float32), field.grid, intent="none")
-    raise VitregError(f"unknown flow format {flow_format!r}; use one of {', '.join(FLOW_FORMATS)}")
+    raise OptionError("flow_format", flow_format, f"expected one of {', '.join(FLOW_FORMATS)}")
 
 
 def check_flow_writable(path: str | Path, flow_format: str = "itk") -> Path:
@@ -71,18 +80,21 @@ def check_flow_writable(path: str | Path, flow_format: str = "itk") -> Path:
     return path
 
 
-def load_flow(path: str | Path, flow_format: str = "auto") -> DisplacementField:
+def load_flow(
+    path: str | Path, flow_format: str = "auto", reference: Volume | str | Path | None = None
+) -> DisplacementField:
     """Read a flow written by :func:`save_flow`, or by ANTs, SimpleITK, greedy or SynthMorph.
 
     ``flow_format``: 'auto' reads a 5D (X, Y, Z, 1, 3) file as 'itk' and a 4D (X, Y, Z, 3) one
     as 'voxel'; a FreeSurfer (RAS mm) flow is also 4D, so it must be named: 'freesurfer'.
     The grid keeps the file's header without its vector intent, so images saved on it are
-    plain 3D images.
+    plain 3D images. ``reference``: an image (or its file) on the flow's grid, whose header
+    the field then carries (after a grid check).
     """
     path = Path(path)
     if flow_format not in ("auto", *FLOW_FORMATS):
-        raise VitregError(
-            f"unknown flow format {flow_format!r}; use auto or one of {', '.join(FLOW_FORMATS)}"
+        raise OptionError(
+            "flow_format", flow_format, f"expected auto or one of {', '.join(FLOW_FORMATS)}"
         )
     data, affine, header = load_raw(path)
     itk_shaped = data.ndim == 5 and data.shape[3] == 1 and data.shape[4] == 3
@@ -108,6 +120,10 @@ def load_flow(path: str | Path, flow_format: str = "auto") -> DisplacementField:
     grid = Volume(
         data=np.zeros(data.shape[:3], dtype=np.uint8), affine=affine, header=header, path=path
     )
+    if reference is not None:
+        reference = reference if isinstance(reference, Volume) else load_image(reference)
+        check_same_grid(reference, grid)
+        grid = reference
     return DisplacementField(disp_mm=disp_mm.float(), grid=grid)
 
 
@@ -193,3 +209,43 @@ def warp_labels_linear(
         best = torch.where(better, weight, best)
         result = torch.where(better, torch.as_tensor(value, dtype=source.dtype), result)
     return result.cpu().numpy()
+
+
+def warp_image_file(
+    image: str | Path,
+    flow: str | Path,
+    output: str | Path,
+    reference: str | Path | None = None,
+    device: str = "auto",
+) -> Path:
+    """``vitreg warp``: warp an image file (any grid) with a saved flow onto the flow's grid
+    (trilinear), written as float32 with ``reference``'s header (an image on that grid)."""
+    torch_device = choose_device(device)
+    check_writable(output)
+    field = load_flow(flow, reference=reference)
+    warped = warp_image(load_image(image), field, torch_device)
+    return save(output, warped.astype("float32"), field.grid)
+
+
+LABEL_METHODS = ("nearest", "linear")
+
+
+def warp_labels_file(
+    labels: str | Path,
+    flow: str | Path,
+    output: str | Path,
+    method: str = "nearest",
+    reference: str | Path | None = None,
+    device: str = "auto",
+) -> Path:
+    """``vitreg warp-labels``: warp a label map file with a saved flow, keeping its values and
+    integer type; ``method`` 'nearest' or 'linear' (one-hot trilinear, then argmax)."""
+    if method not in LABEL_METHODS:
+        raise OptionError("method", method, f"expected {' or '.join(LABEL_METHODS)}")
+    torch_device = choose_device(device)
+    check_writable(output)
+    field = load_flow(flow, reference=reference)
+    source = load_labels(labels)
+    warp = warp_labels_linear if method == "linear" else warp_labels_nearest
+    warped = warp(source, field, torch_device)
+    return save(output, warped.astype(label_dtype(source)), field.grid)

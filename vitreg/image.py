@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from vitreg.errors import VitregError
+from vitreg.files import atomic_path
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 
@@ -233,34 +231,3 @@ def save(
     with atomic_path(path) as temporary:
         nib.save(image, str(temporary))
     return path
-
-
-def plain_file_mode() -> int:
-    """File mode a plain ``open`` would give (0o666 minus the umask), not mkstemp's 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it onto ``target``.
-
-    The file gets the permissions a plain ``open`` would give (umask), and on failure the
-    temporary is removed, so a half-written output never appears under ``target``'s name.
-    """
-    target = Path(target)
-    suffix = ".nii.gz" if target.name.endswith(".nii.gz") else target.suffix
-    try:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    except OSError as error:
-        raise VitregError(f"{target}: cannot write ({error.strerror})") from None
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        os.chmod(temporary, plain_file_mode())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

@@ -72,14 +72,6 @@ def read_lut(path: str | Path) -> dict[int, str]:
     return names
 
 
-def parse_label_list(text: str) -> list[int]:
-    """'2,3,41' -> [2, 3, 41]; a bad entry is a user error."""
-    try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise VitregError(f"--labels {text!r}: expected comma-separated integers") from None
-
-
 def structure_group(name: str) -> str:
     """The structure a left or right label belongs to, hemisphere dropped.
 

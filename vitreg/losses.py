@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from vitreg.errors import VitregError
+from vitreg.errors import OptionError, VitregError
 
 NCC_STABILISER = 1e-5
 
@@ -192,3 +194,25 @@ def paper_objective(
     if weight < 0:
         raise VitregError(f"regularisation weight must be >= 0, got {weight}")
     return mse(fixed, warped) + weight * diffusion(flow_vox)
+
+
+Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SIMILARITIES: dict[str, Similarity] = {"ncc": local_ncc, "mse": mse, "mi": mutual_information}
+REGULARIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "diffusion": diffusion,
+    "bending": bending_energy,
+}
+
+
+def similarity_function(name: str) -> Similarity:
+    """The image similarity loss called ``name``: 'ncc' (local 9^3), 'mse' or 'mi'."""
+    if name not in SIMILARITIES:
+        raise OptionError("similarity", name, f"expected one of {', '.join(SIMILARITIES)}")
+    return SIMILARITIES[name]
+
+
+def regularizer_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The flow penalty called ``name``: 'diffusion' or 'bending' (energy)."""
+    if name not in REGULARIZERS:
+        raise OptionError("regularizer", name, f"expected one of {', '.join(REGULARIZERS)}")
+    return REGULARIZERS[name]

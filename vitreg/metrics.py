@@ -189,3 +189,10 @@ def folding(jacdet: Any, mask: Any | None = None) -> FoldingResult:
         percent_nonpositive=100.0 * count / det.size,
         sdlogj=float(np.std(log_det)),
     )
+
+
+def jacobian_folding(flow_vox: Any, mask: Any | None = None) -> tuple[np.ndarray, FoldingResult]:
+    """det J of x + u for a voxel flow (3, D, H, W) -> (D, H, W), and its folding statistics
+    over ``mask`` (D, H, W) bool (every voxel when None): the pair every report uses."""
+    jacdet = jacobian_determinant(flow_vox)
+    return jacdet, folding(jacdet, mask)

@@ -14,10 +14,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from vitreg.field import DisplacementField, check_same_grid
+from vitreg.assess import Assessment, assess
+from vitreg.errors import OptionError
+from vitreg.field import DisplacementField, check_same_grid, load_flow
+from vitreg.files import atomic_path
 from vitreg.frame import foreground_center_mm, foreground_mask, resample
-from vitreg.image import Volume, atomic_path, check_writable
-from vitreg.metrics import folding, jacobian_determinant
+from vitreg.image import Volume, check_writable, load_image
 
 # (name, array axis normal to the slice, in-plane axes (horizontal, vertical), edge letters
 # (left, right, bottom, top)) in RAS+ axis order.
@@ -111,6 +113,7 @@ def qc_figure(
     field: DisplacementField | None = None,
     title: str | None = None,
     dpi: int = 90,
+    assessment: Assessment | None = None,
 ) -> Path:
     """Write a PNG of three orthogonal slices through the fixed head's centre.
 
@@ -119,6 +122,8 @@ def qc_figure(
     and, with a ``field`` on the fixed grid, the deformed grid (fixed voxel x drawn at
     x + in-plane displacement) and the Jacobian determinant of x + u with a colour bar
     (det <= 0, folding, in black). ``warped`` and ``field`` must lie on the fixed grid.
+    ``assessment``: the field's, when already made (:func:`vitreg.assess.assess` with the
+    fixed image: its det J map and folding in the fixed head are drawn).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -137,11 +142,10 @@ def qc_figure(
     windows = {name: _grey_range(image) for name, image in images.items()}
     jacdet, flow_turned, percent_folding = None, None, None
     if field is not None:
-        flow_vox = field.to_voxels()[0].numpy()
-        native_jacdet = jacobian_determinant(flow_vox)
-        percent_folding = folding(native_jacdet, foreground_mask(fixed.data)).percent_nonpositive
-        jacdet = grid.turn(native_jacdet)
-        flow_turned = grid.turn_vectors(flow_vox)
+        assessment = assessment or assess(field, fixed)
+        percent_folding = assessment.folding.percent_nonpositive
+        jacdet = grid.turn(assessment.jacdet)
+        flow_turned = grid.turn_vectors(field.to_voxels()[0].numpy())
 
     columns = list(images) + ["checkerboard fixed | warped"]
     if field is not None:
@@ -155,38 +159,12 @@ def qc_figure(
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(VIEWS), len(columns), squeeze=False)
     jacdet_image = None
-    for row, (view, normal, in_plane, letters) in enumerate(VIEWS):
-        index = grid.centre[normal]
-        aspect = grid.spacing[in_plane[1]] / grid.spacing[in_plane[0]]
-        windowed = {}
-        for name, image in images.items():
-            low, high = windows[name]
-            windowed[name] = np.clip((_plane(image, normal, index) - low) / (high - low), 0, 1)
-        panels = dict(windowed)
-        panels["checkerboard fixed | warped"] = _checkerboard(windowed["fixed"], windowed["warped"])
-        for column, name in enumerate(columns):
-            ax = axes[row, column]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if name in panels:
-                ax.imshow(panels[name], cmap="gray", vmin=0, vmax=1, origin="lower", aspect=aspect)
-            elif name == "deformed grid":
-                _draw_deformed_grid(ax, flow_turned, normal, index, in_plane, aspect)
-            else:
-                cmap = _jacdet_colormap()
-                jacdet_image = ax.imshow(
-                    _plane(jacdet, normal, index),
-                    cmap=cmap,
-                    vmin=JACDET_RANGE[0] + 1e-6,
-                    vmax=JACDET_RANGE[1],
-                    origin="lower",
-                    aspect=aspect,
-                    interpolation="nearest",
-                )
-            _edge_letters(ax, letters)
-            if row == 0:
+    for row, view in enumerate(VIEWS):
+        drawn = _draw_view(axes[row], view, grid, images, windows, columns, jacdet, flow_turned)
+        jacdet_image = drawn or jacdet_image
+        if row == 0:
+            for ax, name in zip(axes[row], columns, strict=True):
                 ax.set_title(name, fontsize=9)
-        axes[row, 0].set_ylabel(f"{view}, {_slice_label(grid, normal)}", fontsize=9)
     if jacdet_image is not None:
         bar = figure.colorbar(
             jacdet_image, ax=axes[:, -1].tolist(), shrink=0.9, extend="both", pad=0.02
@@ -203,6 +181,49 @@ def qc_figure(
     with atomic_path(path) as temporary:
         _save_palette_png(figure, temporary)
     return path
+
+
+def _draw_view(
+    axes,
+    view: tuple,
+    grid: DisplayGrid,
+    images: dict[str, np.ndarray],
+    windows: dict[str, tuple[float, float]],
+    columns: list[str],
+    jacdet: np.ndarray | None,
+    flow_turned: np.ndarray | None,
+):
+    """One row of the figure: every column's panel in ``view`` (an entry of VIEWS), drawn
+    on ``axes``; returns the Jacobian panel's image (for the colour bar) or None."""
+    name_of_view, normal, in_plane, letters = view
+    index = grid.centre[normal]
+    aspect = grid.spacing[in_plane[1]] / grid.spacing[in_plane[0]]
+    panels = {}
+    for name, image in images.items():
+        low, high = windows[name]
+        panels[name] = np.clip((_plane(image, normal, index) - low) / (high - low), 0, 1)
+    panels["checkerboard fixed | warped"] = _checkerboard(panels["fixed"], panels["warped"])
+    jacdet_image = None
+    for ax, name in zip(axes, columns, strict=True):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if name in panels:
+            ax.imshow(panels[name], cmap="gray", vmin=0, vmax=1, origin="lower", aspect=aspect)
+        elif name == "deformed grid":
+            _draw_deformed_grid(ax, flow_turned, normal, index, in_plane, aspect)
+        else:
+            jacdet_image = ax.imshow(
+                _plane(jacdet, normal, index),
+                cmap=_jacdet_colormap(),
+                vmin=JACDET_RANGE[0] + 1e-6,
+                vmax=JACDET_RANGE[1],
+                origin="lower",
+                aspect=aspect,
+                interpolation="nearest",
+            )
+        _edge_letters(ax, letters)
+    axes[0].set_ylabel(f"{name_of_view}, {_slice_label(grid, normal)}", fontsize=9)
+    return jacdet_image
 
 
 def _save_palette_png(figure, path: Path) -> None:
@@ -280,3 +301,23 @@ def _draw_deformed_grid(
     ax.set_xlim(-0.5, cols - 0.5)
     ax.set_ylim(-0.5, rows - 0.5)
     ax.set_aspect(aspect)
+
+
+def qc_files(
+    fixed: str | Path,
+    moving: str | Path,
+    warped: str | Path,
+    output: str | Path,
+    flow: str | Path | None = None,
+    title: str | None = None,
+    dpi: int = 90,
+) -> Path:
+    """``vitreg qc``: :func:`qc_figure` of image files; ``flow`` is read on the fixed grid."""
+    if not 20 <= dpi <= 600:
+        raise OptionError("dpi", dpi, "expected 20 to 600")
+    check_png_writable(output)
+    fixed_volume = load_image(fixed)
+    field = load_flow(flow, reference=fixed_volume) if flow is not None else None
+    return qc_figure(
+        output, fixed_volume, load_image(moving), load_image(warped), field, title, dpi
+    )

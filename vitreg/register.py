@@ -12,26 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from vitreg.affine import estimate_affine, in_fixed_world
-from vitreg.errors import VitregError
-from vitreg.field import (
-    DisplacementField,
-    affine_displacement,
-    check_same_grid,
-    warp_image,
-    warp_labels_nearest,
-    with_affine,
-)
+from vitreg.device import choose_device
+from vitreg.errors import OptionError, VitregError
+from vitreg.field import DisplacementField, affine_displacement, warp_image, with_affine
 from vitreg.frame import ModelFrame, flow_to_native_mm, frame_labels, frame_pair
 from vitreg.image import Volume
-from vitreg.losses import (
-    bending_energy,
-    diffusion,
-    local_ncc,
-    mse,
-    mutual_information,
-    soft_dice,
-)
-from vitreg.metrics import dice_per_label
+from vitreg.losses import local_ncc, regularizer_function, similarity_function, soft_dice
 from vitreg.nets.vitvnet import VitVNet
 from vitreg.transform import (
     compose,
@@ -46,8 +32,6 @@ Progress = Callable[[str, int, int], None]
 """Called as progress(stage, done, total) while long stages run."""
 
 
-SIMILARITIES = ("ncc", "mse", "mi")
-REGULARIZERS = ("diffusion", "bending")
 INVERSE_ITERATIONS = 30
 INVERSE_SHRINK = 2
 INVERSE_TOLERANCE_VOX = 0.01  # stop the fixed-point iteration once no voxel moves more
@@ -97,19 +81,6 @@ class InverseField:
     exact: bool
 
 
-def choose_device(name: str = "auto") -> torch.device:
-    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'; CUDA without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise VitregError(f"--device {name}: CUDA is not available on this machine")
-        return torch.device(name)
-    raise VitregError(f"--device {name}: expected auto, cpu or cuda")
-
-
 def _shrink(image: torch.Tensor, factor: int) -> torch.Tensor:
     """Average ``factor``^3 blocks of (1, C, D, H, W): voxel edges kept (align_corners=False)."""
     if factor == 1:
@@ -117,26 +88,14 @@ def _shrink(image: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(image, size=[n // factor for n in image.shape[2:]], mode="area")
 
 
-def _similarity(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    functions = {"ncc": local_ncc, "mse": mse, "mi": mutual_information}
-    if name not in functions:
-        raise VitregError(f"--similarity {name}: expected one of {', '.join(SIMILARITIES)}")
-    return functions[name]
-
-
-def _regularizer(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    functions = {"diffusion": diffusion, "bending": bending_energy}
-    if name not in functions:
-        raise VitregError(f"--regularizer {name}: expected one of {', '.join(REGULARIZERS)}")
-    return functions[name]
-
-
-def _check_levels(levels: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+def _check_levels(levels: Sequence[int], shape: Sequence[int] | None) -> tuple[int, ...]:
+    """``levels`` as a tuple of downsampling factors, each >= 1 and, with a frame ``shape``,
+    fine enough for it (at least 4 voxels along every axis); OptionError otherwise."""
     levels = tuple(int(factor) for factor in levels)
     if not levels or any(factor < 1 for factor in levels):
-        raise VitregError(f"--levels {levels}: expected downsampling factors >= 1, e.g. 4,2,1")
-    if any(min(shape) // factor < 4 for factor in levels):
-        raise VitregError(f"--levels {levels}: too coarse for a frame of {tuple(shape)} voxels")
+        raise OptionError("levels", levels, "expected downsampling factors >= 1, e.g. (4, 2, 1)")
+    if shape is not None and any(min(shape) // factor < 4 for factor in levels):
+        raise OptionError("levels", levels, f"too coarse for a frame of {tuple(shape)} voxels")
     return levels
 
 
@@ -175,7 +134,8 @@ def optimize_flow(
     """
     shape = fixed.shape[2:]
     levels = _check_levels(levels, shape)
-    similarity_fn, regularizer_fn = _similarity(similarity), _regularizer(regularizer)
+    similarity_fn = similarity_function(similarity)
+    regularizer_fn = regularizer_function(regularizer)
     values: list[int] = []
     if labels is not None and dice_weight > 0:
         values = sorted(
@@ -233,12 +193,12 @@ def pre_align(
     centring (or, when even that failed, the identity) is used with a warning.
     """
     names = f"{fixed.path}, {moving.path}"
-    hint = "use --no-affine, or --allow-affine-failure to go on with the centring only"
+    hint = "use {affine=False}, or {allow_affine_failure=True} to go on with the centring only"
     try:
         result = estimate_affine(fixed, moving)
     except VitregError as error:
         if not allow_failure:
-            raise VitregError(f"{error}; {hint}") from None
+            raise VitregError(f"{error.message}; {hint}") from None
         return np.eye(4), (), (f"affine pre-alignment skipped: {error}",)
     if result.failure is None:
         return result.affine_ras, tuple(result.stages), ()
@@ -253,8 +213,10 @@ class RegisterSettings:
     """How :func:`register` treats a pair: everything but the images, model, frame and device.
 
     The fields are :func:`register`'s options of the same names; ``levels`` are downsampling
-    factors, ``smoothness``, ``learning_rate`` and ``dice_weight`` unitless weights. Bad values
-    raise VitregError when the settings are made, the levels in :meth:`checked`.
+    factors, ``smoothness``, ``learning_rate`` and ``dice_weight`` unitless weights. Making
+    the settings checks each value and their combinations (an OptionError names the
+    parameter); :meth:`check_labels` checks them against the label maps given, and
+    :meth:`checked` against a model and its frame.
     """
 
     optimize: int = 0
@@ -270,12 +232,30 @@ class RegisterSettings:
     dice_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.optimize < 0 or self.smoothness < 0 or self.dice_weight < 0:
-            raise VitregError(
-                f"--optimize {self.optimize}, --smoothness {self.smoothness} and "
-                f"--dice-weight {self.dice_weight} must be >= 0"
+        for option in ("optimize", "smoothness", "dice_weight"):
+            if getattr(self, option) < 0:
+                raise OptionError(option, getattr(self, option), "must be >= 0")
+        for option in ("learning_rate", "integration_steps"):
+            if getattr(self, option) <= 0:
+                raise OptionError(option, getattr(self, option), "must be > 0")
+        similarity_function(self.similarity)
+        regularizer_function(self.regularizer)
+        object.__setattr__(self, "levels", _check_levels(self.levels, None))
+        if self.dice_weight > 0 and self.optimize == 0:
+            raise OptionError(
+                "dice_weight",
+                self.dice_weight,
+                "Dice guidance acts in the optimisation: give {optimize} > 0",
             )
-        _similarity(self.similarity), _regularizer(self.regularizer)
+
+    def to_dict(self) -> dict:
+        """The settings as a plain JSON-able dict (``levels`` a list)."""
+        return {**dataclasses.asdict(self), "levels": list(self.levels)}
+
+    def check_labels(self, labels: object | None) -> None:
+        """OptionError when Dice guidance (``dice_weight`` > 0) has no label maps to use."""
+        if self.dice_weight > 0 and labels is None:
+            raise OptionError("dice_weight", self.dice_weight, "needs {labels} (fixed, moving)")
 
     @property
     def guided(self) -> bool:
@@ -295,6 +275,25 @@ class RegisterSettings:
         if model.config.int_steps:
             return dataclasses.replace(self, diffeo=True, integration_steps=model.config.int_steps)
         return self
+
+
+def settings_from(settings: RegisterSettings | None, options: dict) -> RegisterSettings:
+    """``settings``, or settings made of ``options`` (RegisterSettings fields): not both.
+
+    Options that equal their defaults count as not given.
+    """
+    defaults = RegisterSettings()
+    given = {k: v for k, v in options.items() if getattr(defaults, k) != _as_field(k, v)}
+    if settings is None:
+        return RegisterSettings(**options)
+    if given:
+        raise TypeError(f"give settings or the options {sorted(given)}, not both")
+    return settings
+
+
+def _as_field(name: str, value: object) -> object:
+    """``value`` as RegisterSettings stores field ``name`` (levels as a tuple)."""
+    return tuple(value) if name == "levels" else value
 
 
 @dataclass(frozen=True)
@@ -469,6 +468,7 @@ def register(
     learning_rate: float = 0.2,
     labels: tuple[Volume, Volume] | None = None,
     dice_weight: float = 0.0,
+    settings: RegisterSettings | None = None,
 ) -> Registration:
     """Register ``moving`` to ``fixed``.
 
@@ -484,10 +484,13 @@ def register(
     diffeomorphically (``config.int_steps`` > 0) turns it on with its own step count. The
     result lives on the fixed image's native grid and its field includes the affine.
 
+    ``settings`` gives all those options in one :class:`RegisterSettings` instead (then the
+    option keywords must keep their defaults).
+
     The stages, for many pairs: :func:`prepare_pair`, :func:`predict_batch` (several pairs
     in one network call) and :func:`finish_registration`.
     """
-    settings = RegisterSettings(
+    options = dict(
         optimize=optimize,
         smoothness=smoothness,
         affine=affine,
@@ -500,6 +503,8 @@ def register(
         learning_rate=learning_rate,
         dice_weight=dice_weight,
     )
+    settings = settings_from(settings, options)
+    settings.check_labels(labels)
     torch_device = choose_device(device)
     frame = frame or ModelFrame()
     settings = settings.checked(model, frame)
@@ -546,18 +551,4 @@ def invert(
         residual_mean_mm=float(residual.mean()),
         residual_max_mm=float(residual.max()),
         exact=result.velocity_vox is not None,
-    )
-
-
-def dice_before_after(
-    fixed_labels: Volume, moving_labels: Volume, field: DisplacementField
-) -> tuple[float, float]:
-    """Mean Dice of the fixed labels with the moving labels brought onto the fixed grid
-    without the flow (world alignment only) and with it (nearest neighbour, background out).
-    """
-    check_same_grid(field.grid, fixed_labels)
-    identity = DisplacementField(disp_mm=torch.zeros_like(field.disp_mm), grid=field.grid)
-    return tuple(
-        dice_per_label(fixed_labels.data, warp_labels_nearest(moving_labels, warp_field)).mean
-        for warp_field in (identity, field)
     )

@@ -21,20 +21,27 @@ from vitreg.transform import integrate_velocity
 DEFAULT_SCALES = (64.0, 32.0, 16.0)
 
 
-def _randn(
+def random_normal(
     shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str
 ) -> torch.Tensor:
-    """Standard normal numbers drawn on the generator's device, returned on ``device``."""
+    """Standard normal numbers drawn on the generator's device (the CPU for the global
+    generator), returned on ``device``: a seeded CPU generator gives the same numbers for any
+    device."""
     source = generator.device if generator is not None else "cpu"
     return torch.randn(tuple(shape), generator=generator, device=source).to(device)
 
 
-def _rand(
-    shape: Sequence[int], generator: torch.Generator | None, device: torch.device | str
+def random_uniform(
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    low: float = 0.0,
+    high: float = 1.0,
 ) -> torch.Tensor:
-    """Uniform [0, 1) numbers drawn on the generator's device, returned on ``device``."""
+    """Uniform numbers in [low, high), drawn as :func:`random_normal` draws."""
     source = generator.device if generator is not None else "cpu"
-    return torch.rand(tuple(shape), generator=generator, device=source).to(device)
+    values = torch.rand(tuple(shape), generator=generator, device=source)
+    return (values * (high - low) + low).to(device)
 
 
 def smooth_noise(
@@ -53,7 +60,7 @@ def smooth_noise(
     if spacing_vox <= 0:
         raise VitregError(f"noise spacing must be > 0 voxels, got {spacing_vox}")
     coarse = [max(2, math.ceil(2 * int(n) / spacing_vox) + 1) for n in shape]
-    noise = _randn((batch * channels, 1, *coarse), generator, device)
+    noise = random_normal((batch * channels, 1, *coarse), generator, device)
     taps = torch.tensor([0.25, 0.5, 0.25], device=noise.device)
     for axis in range(3):
         kernel_shape = [1, 1, 1, 1, 1]
@@ -140,7 +147,7 @@ def bias_field(
     [0, 1) per batch item, so intensity varies by up to about ``exp(+-2 strength)``.
     """
     noise = smooth_noise(shape, spacing_vox, 1, batch, generator, device)
-    amount = strength * _rand((batch, 1, 1, 1, 1), generator, device)
+    amount = strength * random_uniform((batch, 1, 1, 1, 1), generator, device)
     return torch.exp(amount * noise)
 
 
@@ -152,7 +159,9 @@ def random_gamma(
     ``image`` is (B, 1, D, H, W) with non-negative intensities; same shape and units out.
     """
     peak = image.flatten(1).amax(dim=1).clamp(min=1e-8).view(-1, 1, 1, 1, 1)
-    gamma = torch.exp(log_std * _randn((image.shape[0], 1, 1, 1, 1), generator, image.device))
+    gamma = torch.exp(
+        log_std * random_normal((image.shape[0], 1, 1, 1, 1), generator, image.device)
+    )
     return peak * (image.clamp(min=0) / peak) ** gamma
 
 
@@ -170,7 +179,7 @@ def random_contrast(
     """
     batch = image.shape[0]
     peak = image.flatten(1).amax(dim=1).clamp(min=1e-8).view(-1, 1, 1, 1, 1)
-    slopes = torch.exp(spread * _randn((batch, knots), generator, image.device))
+    slopes = torch.exp(spread * random_normal((batch, knots), generator, image.device))
     ends = torch.cumsum(slopes, dim=1)
     ends = torch.cat([torch.zeros(batch, 1, device=image.device), ends / ends[:, -1:]], dim=1)
     position = (image.clamp(min=0) / peak).clamp(max=1) * knots
@@ -187,7 +196,7 @@ def add_noise(
 ) -> torch.Tensor:
     """Add Gaussian noise of ``std`` x each item's maximum to (B, 1, D, H, W); same units."""
     peak = image.flatten(1).amax(dim=1).view(-1, 1, 1, 1, 1)
-    return image + std * peak * _randn(image.shape, generator, image.device)
+    return image + std * peak * random_normal(image.shape, generator, image.device)
 
 
 def random_intensity(

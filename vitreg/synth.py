@@ -23,21 +23,14 @@ import torch.nn.functional as F
 
 from vitreg.data import TrainBatch
 from vitreg.errors import VitregError
-from vitreg.simulate import random_deformation, random_intensity, smooth_noise
+from vitreg.simulate import (
+    random_deformation,
+    random_intensity,
+    random_normal,
+    random_uniform,
+    smooth_noise,
+)
 from vitreg.transform import resize_flow, warp, warp_labels
-
-
-def _uniform(
-    low: float, high: float, size: Sequence[int], generator: torch.Generator, device
-) -> torch.Tensor:
-    """Uniform numbers in [low, high), drawn on the CPU with ``generator`` and moved."""
-    values = torch.rand(tuple(size), generator=generator) * (high - low) + low
-    return values.to(device)
-
-
-def _normal(size: Sequence[int], generator: torch.Generator, device) -> torch.Tensor:
-    """Standard normal numbers drawn on the CPU with ``generator`` and moved."""
-    return torch.randn(tuple(size), generator=generator).to(device)
 
 
 def random_shapes(
@@ -108,14 +101,14 @@ def labels_to_image(
         raise VitregError(f"labels: expected (B, 1, D, H, W), got {tuple(labels.shape)}")
     batch = labels.shape[0]
     device = labels.device
-    means = _uniform(0.0, 1.0, (batch, num_labels), generator, device)
-    stds = _uniform(0.0, max_label_std, (batch, num_labels), generator, device)
+    means = random_uniform((batch, num_labels), generator, device, 0.0, 1.0)
+    stds = random_uniform((batch, num_labels), generator, device, 0.0, max_label_std)
     flat = labels.view(batch, -1).clamp(0, num_labels - 1)
-    image = torch.gather(means, 1, flat) + torch.gather(stds, 1, flat) * _normal(
+    image = torch.gather(means, 1, flat) + torch.gather(stds, 1, flat) * random_normal(
         flat.shape, generator, device
     )
     image = image.view(labels.shape).float()
-    sigma = _uniform(0.0, max_blur_vox, (batch,), generator, "cpu")
+    sigma = random_uniform((batch,), generator, "cpu", 0.0, max_blur_vox)
     return rescale(gaussian_blur(image, sigma))
 
 
@@ -135,7 +128,7 @@ def lower_resolution(
     out = image.clone()
     shape = image.shape[2:]
     axes = torch.randint(0, 3, (image.shape[0],), generator=generator).tolist()
-    factors = _uniform(1.0, max_factor, (image.shape[0],), generator, "cpu").tolist()
+    factors = random_uniform((image.shape[0],), generator, "cpu", 1.0, max_factor).tolist()
     for item, (axis, factor) in enumerate(zip(axes, factors, strict=True)):
         if factor < 1.2:
             continue

@@ -16,28 +16,22 @@ replace the files. What lands in the output folder (rank 0 writes, nobody else):
 
 Under ``torchrun --nproc-per-node N`` each process draws its own batches (the effective batch
 is N x batch_size), gradients are averaged by DistributedDataParallel (NCCL on CUDA, gloo on
-CPU), and rank 0 validates and writes.
+CPU; :mod:`vitreg.ddp`), and rank 0 validates and writes. The state file is
+:mod:`vitreg.train_state`'s.
 """
 
 from __future__ import annotations
 
-import csv
-import datetime
-import io
-import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from vitreg import __version__
 from vitreg.data import (
@@ -53,18 +47,26 @@ from vitreg.data import (
     pair_indices,
     read_dataset,
 )
-from vitreg.errors import VitregError
+from vitreg.ddp import (
+    Processes,
+    barrier,
+    gather,
+    mean_over_processes,
+    rank0_says,
+    start_processes,
+    stop_processes,
+    wrap_model,
+)
+from vitreg.errors import OptionError, VitregError
+from vitreg.files import atomic_path, make_folder, write_csv
 from vitreg.frame import ModelFrame, frame_affine
-from vitreg.image import atomic_path
-from vitreg.losses import diffusion, local_ncc, mse, soft_dice
-from vitreg.metrics import dice_per_label, folding, jacobian_determinant
+from vitreg.losses import diffusion, similarity_function, soft_dice
+from vitreg.metrics import dice_per_label, jacobian_folding
 from vitreg.nets.vitvnet import VitVNet, VitVNetConfig, load_state_dict
-from vitreg.register import choose_device
+from vitreg.train_state import STATE_FILE, TrainState, read_state
 from vitreg.transform import warp, warp_labels
-from vitreg.weights import read_checkpoint, save_checkpoint
+from vitreg.weights import read_checkpoint, resolve, save_checkpoint
 
-STATE_FILE = "state.safetensors"
-STATE_FORMAT = "vitreg-train-state-1"
 METRIC_COLUMNS = (
     "epoch",
     "step",
@@ -89,8 +91,8 @@ class TrainRecipe:
     Adam (``amsgrad`` as the official code) at ``lr``, decayed per epoch as
     lr * (1 - epoch / epochs) ** ``lr_power``; ``batch_size`` pairs per step and process;
     random flips along each axis (the same for both images); ``dropout`` in the transformer's
-    linear layers. Loss: ``similarity`` (``mse``, ``ncc`` local 9^3, or ``none`` for training on
-    labels alone, as with synthetic contrasts) + ``reg_weight`` x
+    linear layers. Loss: ``similarity`` (``mse``, ``ncc`` local 9^3, ``mi``, or ``none`` for
+    training on labels alone, as with synthetic contrasts) + ``reg_weight`` x
     diffusion of the flow (voxels) + ``dice_weight`` x soft Dice of the one-hot labels warped
     trilinearly (only for pairs with labels). ``int_steps`` > 0 makes the network output a
     velocity integrated by scaling and squaring (diffeomorphic). ``bf16``: autocast on CUDA.
@@ -117,16 +119,22 @@ class TrainRecipe:
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.similarity not in ("mse", "ncc", "none"):
-            raise VitregError(f"--similarity {self.similarity}: expected mse, ncc or none")
-        if self.similarity == "none" and self.dice_weight <= 0:
-            raise VitregError("--similarity none trains on labels alone: give --dice-weight > 0")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise VitregError("--epochs and --batch-size must be >= 1 and --lr > 0")
-        if self.reg_weight < 0 or self.dice_weight < 0 or not 0 <= self.dropout < 1:
-            raise VitregError("loss weights must be >= 0 and 0 <= dropout < 1")
-        if self.int_steps < 0:
-            raise VitregError(f"--int-steps {self.int_steps}: expected >= 0")
+        if self.similarity != "none":
+            similarity_function(self.similarity)
+        elif self.dice_weight <= 0:
+            raise OptionError(
+                "similarity", "none", "trains on labels alone: give {dice_weight} > 0"
+            )
+        for option in ("epochs", "batch_size"):
+            if getattr(self, option) < 1:
+                raise OptionError(option, getattr(self, option), "must be >= 1")
+        for option in ("reg_weight", "dice_weight", "int_steps"):
+            if getattr(self, option) < 0:
+                raise OptionError(option, getattr(self, option), "must be >= 0")
+        if self.lr <= 0:
+            raise OptionError("lr", self.lr, "must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise OptionError("dropout", self.dropout, "expected 0 <= dropout < 1")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict."""
@@ -156,81 +164,20 @@ class TrainResult:
     best: Path
     state: Path
 
-
-# ---------------------------------------------------------------------------------------------
-# Processes
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among the training processes (one unless under torchrun)."""
-
-    rank: int
-    world: int
-    device: torch.device
-    started_group: bool
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def writes(self) -> bool:
-        return self.rank == 0
-
-
-def start_processes(device: str) -> Processes:
-    """Join torchrun's process group if WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    torch_device = choose_device(device)
-    if world == 1:
-        return Processes(rank=0, world=1, device=torch_device, started_group=False)
-    import torch.distributed as dist
-
-    rank = int(os.environ["RANK"])
-    if torch_device.type == "cuda":
-        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(torch_device)
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group(
-            backend="nccl" if torch_device.type == "cuda" else "gloo",
-            # rank 0 validates and writes while the others wait at a barrier
-            timeout=datetime.timedelta(hours=2),
-        )
-    return Processes(rank=rank, world=world, device=torch_device, started_group=started)
-
-
-def _barrier(processes: Processes) -> None:
-    if processes.distributed:
-        torch.distributed.barrier()
-
-
-def _gather(processes: Processes, value: object) -> list:
-    """``value`` of every process, by rank."""
-    if not processes.distributed:
-        return [value]
-    gathered: list = [None] * processes.world
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
-def _mean_over_processes(processes: Processes, total: float, count: int) -> float:
-    """Sum of ``total`` over processes divided by the sum of ``count``."""
-    if processes.distributed:
-        values = torch.tensor([total, float(count)], dtype=torch.float64, device=processes.device)
-        torch.distributed.all_reduce(values)
-        total, count = float(values[0]), int(values[1])
-    return total / max(count, 1)
-
-
-def _rank0_says(processes: Processes, flag: bool) -> bool:
-    """Rank 0's ``flag``, on every process (so all stop at the same step)."""
-    if not processes.distributed:
-        return flag
-    value = torch.tensor([int(flag)], device=processes.device)
-    torch.distributed.broadcast(value, src=0)
-    return bool(value.item())
+    def summary(self) -> dict:
+        """The result without the history, JSON-able, for reports."""
+        best_value = None if self.best_value is None else round(self.best_value, 6)
+        return {
+            "output": str(self.output),
+            "epochs_done": self.epochs_done,
+            "epochs": self.epochs,
+            "stopped_early": self.stopped_early,
+            "best_epoch": self.best_epoch,
+            "best_metric": self.best_metric,
+            "best_value": best_value,
+            "best": str(self.best),
+            "last": str(self.last),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,10 +212,10 @@ def prepare_data(
                 problems.append(f"{where}{error}")
         if progress is not None:
             progress("prepare", number + 1, len(entries), {})
-    problems = [p for rank_problems in _gather(processes, problems) for p in rank_problems]
+    problems = [p for rank_problems in gather(processes, problems) for p in rank_problems]
     if problems:
         raise VitregError(f"{dataset.origin}: {len(problems)} bad row(s): " + "; ".join(problems))
-    _barrier(processes)
+    barrier(processes)
     source = CachedPairs(
         [open_cache_entry(e) for e in entries], items, partners, recipe.seed, recipe.flip
     )
@@ -297,12 +244,10 @@ def pair_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, similarity term) of a batch and its flow (B, 3, D, H, W) voxels."""
     warped = warp(batch.moving, flow)
-    if recipe.similarity == "mse":
-        similarity = mse(batch.fixed, warped)
-    elif recipe.similarity == "ncc":
-        similarity = local_ncc(batch.fixed, warped)
-    else:  # label-driven training (synthetic contrasts): Dice alone says what aligns
+    if recipe.similarity == "none":  # label-driven training (synthetic contrasts)
         similarity = torch.zeros((), device=flow.device)
+    else:
+        similarity = similarity_function(recipe.similarity)(batch.fixed, warped)
     loss = similarity + recipe.reg_weight * diffusion(flow)
     if recipe.dice_weight > 0 and batch.fixed_labels is not None and batch.num_classes > 1:
         fixed_onehot = _one_hot(batch.fixed_labels, batch.num_classes)
@@ -364,8 +309,8 @@ def validate(
             flow = _flow(model, batch, recipe)
             losses.append(float(pair_loss(recipe, batch, flow)[0]))
             for index in range(flow.shape[0]):
-                jacdet = jacobian_determinant(flow[index].cpu().numpy())
-                folded.append(folding(jacdet).percent_nonpositive)
+                _, fold = jacobian_folding(flow[index].cpu().numpy())
+                folded.append(fold.percent_nonpositive)
             if batch.fixed_labels is not None:
                 warped = warp_labels(batch.moving_labels, flow)
                 for index in range(flow.shape[0]):
@@ -388,134 +333,12 @@ def _score(row: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training state: safetensors for tensors, JSON for the rest, one file written atomically
-
-
-def capture_rng(data_generator: torch.Generator, device: torch.device) -> dict:
-    """This process's RNG states: python, numpy, torch (CPU and CUDA) and the data generator."""
-    version, python_state, gauss = random.getstate()
-    _, numpy_keys, numpy_pos, has_gauss, numpy_gauss = np.random.get_state()
-    tensors = {
-        "torch": torch.get_rng_state(),
-        "data": data_generator.get_state(),
-        "python": torch.tensor(python_state, dtype=torch.int64),
-        "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
-    }
-    if device.type == "cuda":
-        tensors["cuda"] = torch.cuda.get_rng_state(device)
-    extra = {
-        "python_version": version,
-        "python_gauss": gauss,
-        "numpy_pos": int(numpy_pos),
-        "numpy_has_gauss": int(has_gauss),
-        "numpy_gauss": float(numpy_gauss),
-    }
-    return {"tensors": tensors, "extra": extra}
-
-
-def restore_rng(rng: dict, data_generator: torch.Generator, device: torch.device) -> None:
-    """Inverse of :func:`capture_rng`."""
-    tensors, extra = rng["tensors"], rng["extra"]
-    torch.set_rng_state(tensors["torch"])
-    data_generator.set_state(tensors["data"])
-    python_state = tuple(int(v) for v in tensors["python"].tolist())
-    random.setstate((extra["python_version"], python_state, extra["python_gauss"]))
-    np.random.set_state(
-        (
-            "MT19937",
-            tensors["numpy"].numpy().astype(np.uint32),
-            extra["numpy_pos"],
-            extra["numpy_has_gauss"],
-            extra["numpy_gauss"],
-        )
-    )
-    if device.type == "cuda" and "cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["cuda"], device)
-
-
-def save_state(
-    path: Path,
-    model: VitVNet,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    rng_by_rank: list[dict],
-    info: dict,
-) -> None:
-    """Write the training state atomically (one safetensors file, JSON in its metadata)."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    optimizer_state = optimizer.state_dict()
-    for index, values in optimizer_state["state"].items():
-        for name, value in values.items():
-            tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
-    rng_extra = []
-    for rank, rng in enumerate(rng_by_rank):
-        for name, value in rng["tensors"].items():
-            tensors[f"rng.{rank}.{name}"] = value.cpu().contiguous()
-        rng_extra.append(rng["extra"])  # includes the rank's running loss of the epoch
-    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    metadata = {
-        "format": STATE_FORMAT,
-        "vitreg_version": __version__,
-        "state": json.dumps(
-            {
-                **info,
-                "optimizer_groups": optimizer_state["param_groups"],
-                "scheduler": scheduler_state,
-                "rng_extra": rng_extra,
-            }
-        ),
-    }
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
-
-
-def read_state(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The JSON part and the tensors of a training-state file."""
-    if not path.is_file():
-        raise VitregError(f"{path}: no training state to resume from")
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise VitregError(f"{path}: not a readable training state ({error})") from None
-    if metadata.get("format") != STATE_FORMAT:
-        raise VitregError(f"{path}: not a vitreg training state (format {metadata.get('format')})")
-    return json.loads(metadata["state"]), tensors
-
-
-def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def restore_optimizer(
-    optimizer: torch.optim.Optimizer, info: dict, tensors: dict[str, torch.Tensor]
-) -> None:
-    """Load Adam's moments and parameter groups saved by :func:`save_state`."""
-    state: dict[int, dict] = {}
-    for key, value in _prefixed(tensors, "optimizer.").items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = [
-        {k: tuple(v) if k == "betas" else v for k, v in group.items()}
-        for group in info["optimizer_groups"]
-    ]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ---------------------------------------------------------------------------------------------
 # Outputs
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:
     """``metrics.csv``: one row per epoch (empty cells where a value does not exist)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in METRIC_COLUMNS})
-    with atomic_path(path) as temporary:
-        temporary.write_text(buffer.getvalue(), newline="")
+    write_csv(path, history, METRIC_COLUMNS)
 
 
 def plot_curves(path: Path, history: list[dict]) -> None:
@@ -561,9 +384,7 @@ def build_network(
     the recipe's dropout and integration steps."""
     state = None
     if init is not None:
-        from vitreg.weights import resolve
-
-        checkpoint = read_checkpoint(resolve(str(init), progress=False))
+        checkpoint = read_checkpoint(resolve(str(init)))
         config, frame, state = checkpoint.config, checkpoint.frame, checkpoint.state_dict
     config = replace(
         config or VitVNetConfig(),
@@ -601,221 +422,241 @@ def train(
     and config it was started with (the arguments are then ignored). ``max_minutes`` stops
     after the step that runs past the budget, with the state saved.
     """
-    output = Path(output)
+    start, output = time.monotonic(), Path(output)
+    if max_minutes is not None and max_minutes <= 0:
+        raise OptionError("max_minutes", max_minutes, "expected > 0")
     processes = start_processes(device)
+    progress = progress if processes.writes else None
     try:
-        return _train(
-            data=data,
-            output=output,
-            recipe=recipe or TrainRecipe(),
-            frame=frame or ModelFrame(),
-            config=config,
-            init=init,
-            atlas=atlas,
-            atlas_is_moving=atlas_is_moving,
-            val_pairs=val_pairs,
-            cache=Path(cache) if cache else None,
-            resume=resume,
-            max_minutes=max_minutes,
-            processes=processes,
-            progress=progress if processes.writes else None,
+        saved = read_state(output / STATE_FILE) if resume else None
+        recipe, frame, network = _network(
+            output, recipe or TrainRecipe(), frame, config, init, saved
         )
+        network.checkpoint_activations(recipe.checkpoint_activations)
+        source, val_pairs, data_info = _open_data(
+            data, output, recipe, frame, (atlas, atlas_is_moving, val_pairs, cache), processes,
+            progress,
+        )  # fmt: skip
+        if saved is not None and saved[0]["data"]["pairs_per_epoch"] != source.pairs_per_epoch:
+            raise VitregError(
+                f"{output}: the data changed since the run started ({source.pairs_per_epoch} "
+                f"pairs per epoch now, {saved[0]['data']['pairs_per_epoch']} then)"
+            )
+        run = _Run(
+            output=output,
+            recipe=recipe,
+            frame=frame,
+            processes=processes,
+            source=source,
+            val_pairs=val_pairs if processes.writes else (),
+            data_info=data_info,
+            state=_initial_state(network, recipe, processes, saved),
+            deadline=start + 60 * max_minutes if max_minutes else None,
+            progress=progress,
+        )
+        return run.loop()
     finally:
-        if processes.started_group:
-            torch.distributed.destroy_process_group()
+        stop_processes(processes)
 
 
-def _train(
+def _network(
+    output: Path,
+    recipe: TrainRecipe,
+    frame: ModelFrame | None,
+    config: VitVNetConfig | None,
+    init: str | Path | None,
+    saved: tuple[dict, dict] | None,
+) -> tuple[TrainRecipe, ModelFrame, VitVNet]:
+    """The recipe, frame and network of the run: a saved state's, else new ones."""
+    if saved is not None:
+        info = saved[0]
+        model = VitVNet(VitVNetConfig.from_dict(info["config"]))
+        return TrainRecipe.from_dict(info["recipe"]), ModelFrame.from_dict(info["frame"]), model
+    if (output / STATE_FILE).exists():
+        raise VitregError(
+            f"{output}: holds a training run already; continue it with {{resume=True}} or "
+            "choose another output folder"
+        )
+    torch.manual_seed(recipe.seed)  # the initial weights (DDP copies rank 0's anyway)
+    model, frame = build_network(recipe, frame or ModelFrame(), config, init)
+    return recipe, frame, model
+
+
+def _open_data(
     data: str | Path | PairSource,
     output: Path,
     recipe: TrainRecipe,
     frame: ModelFrame,
-    config: VitVNetConfig | None,
-    init: str | Path | None,
-    atlas: str | Path | None,
-    atlas_is_moving: bool,
-    val_pairs: Sequence[TrainBatch],
-    cache: Path | None,
-    resume: bool,
-    max_minutes: float | None,
+    options: tuple,
     processes: Processes,
     progress: TrainProgress | None,
-) -> TrainResult:
-    start = time.monotonic()
-    state_path = output / STATE_FILE
-    saved, saved_tensors = read_state(state_path) if resume else (None, {})
-    if saved is not None:
-        recipe = TrainRecipe.from_dict(saved["recipe"])
-        frame = ModelFrame.from_dict(saved["frame"])
-        model = VitVNet(VitVNetConfig.from_dict(saved["config"]))
-    else:
-        if state_path.exists():
-            raise VitregError(
-                f"{output}: holds a training run already; continue it with --resume or choose "
-                "another output folder"
-            )
-        torch.manual_seed(recipe.seed)  # the initial weights (DDP copies rank 0's anyway)
-        model, frame = build_network(recipe, frame, config, init)
-    model.checkpoint_activations(recipe.checkpoint_activations)
-    if max_minutes is not None and max_minutes <= 0:
-        raise VitregError(f"--max-minutes {max_minutes}: expected > 0")
-    if isinstance(data, str | Path):  # every file checked before anything is written
+) -> tuple[PairSource, Sequence[TrainBatch], dict]:
+    """The pair source, validation pairs and data description of ``data``.
+
+    ``options`` are (atlas, atlas_is_moving, val_pairs, cache). Files are read and every one
+    checked before anything is written; then rank 0 creates ``output`` and the files are
+    framed into the cache. A pair source comes with its own ``val_pairs``.
+    """
+    atlas, atlas_is_moving, val_pairs, cache = options
+    dataset = None
+    if isinstance(data, str | Path):
         dataset = read_dataset(data, atlas, atlas_is_moving, recipe.val_fraction)
         pair_indices(dataset)
         centre_mm = check_files(dataset)
     if processes.writes:
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise VitregError(f"{output}: cannot create the folder ({error.strerror})") from None
-    _barrier(processes)
+        make_folder(output, "folder")
+    barrier(processes)
+    if dataset is None:
+        return data, val_pairs, {"origin": "pair source", "pairs_per_epoch": data.pairs_per_epoch}
+    cache = Path(cache) if cache else None
+    return prepare_data(dataset, centre_mm, output, recipe, frame, processes, cache, progress)
 
-    data_info: dict = {"origin": "pair source"}
-    if isinstance(data, str | Path):
-        source, val_pairs, data_info = prepare_data(
-            dataset, centre_mm, output, recipe, frame, processes, cache, progress
-        )
-    else:
-        source = data
-    data_info["pairs_per_epoch"] = source.pairs_per_epoch
-    if saved is not None and saved["data"]["pairs_per_epoch"] != source.pairs_per_epoch:
-        raise VitregError(
-            f"{output}: the data changed since the run started ({source.pairs_per_epoch} pairs "
-            f"per epoch now, {saved['data']['pairs_per_epoch']} then)"
-        )
-    if not processes.writes:
-        val_pairs = ()
 
-    torch.manual_seed(recipe.seed * 1009 + processes.rank)
-    random.seed(recipe.seed * 1009 + processes.rank)
-    np.random.seed((recipe.seed * 1009 + processes.rank) % 2**32)
+def _initial_state(
+    network: VitVNet, recipe: TrainRecipe, processes: Processes, saved: tuple[dict, dict] | None
+) -> TrainState:
+    """Seed this process, put the network on its device with Adam and the poly schedule, and
+    continue from ``saved`` (a state read by :func:`read_state`) if given."""
+    seed = recipe.seed * 1009 + processes.rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     data_generator = torch.Generator().manual_seed(recipe.seed * 7919 + processes.rank)
-    model = model.to(processes.device)
+    model = network.to(processes.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, amsgrad=recipe.amsgrad)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: max(0.0, 1 - epoch / recipe.epochs) ** recipe.lr_power
     )
-    epoch, step, history, best = 0, 0, [], None
-    loss_sum, loss_count = 0.0, 0
+    state = TrainState(model, optimizer, scheduler, data_generator)
     if saved is not None:
-        load_state_dict(model, _prefixed(saved_tensors, "model."))
-        restore_optimizer(optimizer, saved, saved_tensors)
-        scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": [None]})
-        epoch, step, history, best = saved["epoch"], saved["step"], saved["history"], saved["best"]
-        if saved["world"] == processes.world:
-            extra = saved["rng_extra"][processes.rank]
-            loss_sum, loss_count = extra["loss_sum"], extra["loss_count"]
-            rng = {"tensors": _prefixed(saved_tensors, f"rng.{processes.rank}."), "extra": extra}
-            restore_rng(rng, data_generator, processes.device)
-        # with another number of processes, each keeps the fresh streams seeded above
-        del saved_tensors
-    net = model
-    if processes.distributed:
-        from torch.nn.parallel import DistributedDataParallel
+        state.restore(*saved, processes)
+    return state
 
-        device_ids = [processes.device.index] if processes.device.type == "cuda" else None
-        model = DistributedDataParallel(net, device_ids=device_ids)
 
-    steps_per_epoch = math.ceil(source.pairs_per_epoch / (recipe.batch_size * processes.world))
-    deadline = start + 60 * max_minutes if max_minutes else None
-    paths = {name: output / f"{name}.safetensors" for name in ("last", "best")}
+@dataclass
+class _Run:
+    """One training run, set up: what the loop reads, and the state it moves forward."""
 
-    def checkpoint_recipe(row: dict | None) -> dict:
-        details = {"trained_by": f"vitreg {__version__} train", "data": data_info["origin"]}
-        if row is not None:
-            details.update(
-                {k: row[k] for k in ("epoch", "val_dice", "val_folding_percent") if k in row}
-            )
-        return {**recipe.to_dict(), **details}
+    output: Path
+    recipe: TrainRecipe
+    frame: ModelFrame
+    processes: Processes
+    source: PairSource
+    val_pairs: Sequence[TrainBatch]
+    data_info: dict
+    state: TrainState
+    deadline: float | None
+    progress: TrainProgress | None
+    model: torch.nn.Module = field(init=False)  # the state's, in DDP's wrapper if distributed
+    steps_per_epoch: int = field(init=False)
 
-    def write_state(next_epoch: int, next_step: int) -> None:
-        """Gather every process's RNG states and running loss; rank 0 writes the state."""
-        rng = capture_rng(data_generator, processes.device)
-        rng["extra"].update(loss_sum=loss_sum, loss_count=loss_count)
-        rng_by_rank = _gather(processes, rng)
-        if processes.writes:
-            info = {
-                "epoch": next_epoch,
-                "step": next_step,
-                "world": processes.world,
-                "history": history,
-                "best": best,
-                "recipe": recipe.to_dict(),
-                "frame": frame.to_dict(),
-                "config": net.config.to_dict(),
-                "data": data_info,
-            }
-            save_state(state_path, net, optimizer, scheduler, rng_by_rank, info)
+    def __post_init__(self) -> None:
+        self.model = wrap_model(self.state.model, self.processes)
+        per_step = self.recipe.batch_size * self.processes.world
+        self.steps_per_epoch = math.ceil(self.source.pairs_per_epoch / per_step)
 
-    if processes.writes and history:
-        write_metrics(output / "metrics.csv", history)
-        plot_curves(output / "curves.png", history)
-    stopped_early = False
-    while epoch < recipe.epochs and not stopped_early:
-        epoch_start = time.monotonic()
-        model.train()
-        while step < steps_per_epoch:
-            global_step = epoch * steps_per_epoch + step
-            batch = source.batch(
-                global_step * processes.world + processes.rank,
-                recipe.batch_size,
-                data_generator,
-                processes.device,
-            )
-            loss = train_step(model, optimizer, batch, recipe)
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-            step += 1
-            if progress is not None:
-                progress(
-                    "train",
-                    step,
-                    steps_per_epoch,
-                    {"epoch": epoch + 1, "epochs": recipe.epochs, "loss": loss_sum / loss_count},
-                )
-            out_of_time = deadline is not None and time.monotonic() > deadline
-            if deadline is not None and _rank0_says(processes, out_of_time):
-                stopped_early = True
+    def loop(self) -> TrainResult:
+        """Epochs until the recipe's last, or until the time budget runs out."""
+        state, stopped = self.state, False
+        if self.processes.writes and state.history:
+            self._write_history()
+        while state.epoch < self.recipe.epochs and not stopped:
+            epoch_start = time.monotonic()
+            stopped = self._train_epoch()
+            if stopped and state.step < self.steps_per_epoch:  # mid-epoch: save and stop
+                self._save_state()
+                if self.processes.writes:
+                    self._save_checkpoint("last", None)
                 break
-        if stopped_early and step < steps_per_epoch:
-            write_state(epoch, step)
-            if processes.writes:
-                save_checkpoint(paths["last"], net, frame, checkpoint_recipe(None))
-            break
-        train_loss = _mean_over_processes(processes, loss_sum, loss_count)
+            self._finish_epoch(epoch_start)
+        return self._result(stopped)
+
+    def _train_epoch(self) -> bool:
+        """Steps until the epoch ends; True when the time budget stopped it."""
+        state, processes = self.state, self.processes
+        self.model.train()
+        while state.step < self.steps_per_epoch:
+            draw = (state.epoch * self.steps_per_epoch + state.step) * processes.world
+            batch = self.source.batch(
+                draw + processes.rank, self.recipe.batch_size, state.data_generator,
+                processes.device,
+            )  # fmt: skip
+            loss = train_step(self.model, state.optimizer, batch, self.recipe)
+            state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
+            state.step += 1
+            if self.progress is not None:
+                info = {"epoch": state.epoch + 1, "epochs": self.recipe.epochs}
+                info["loss"] = state.loss_sum / state.loss_count
+                self.progress("train", state.step, self.steps_per_epoch, info)
+            if self.deadline is not None:
+                if rank0_says(processes, time.monotonic() > self.deadline):
+                    return True
+        return False
+
+    def _finish_epoch(self, epoch_start: float) -> None:
+        """Validate, keep the best and last checkpoints, step the schedule, save the state."""
+        state, processes = self.state, self.processes
+        train_loss = mean_over_processes(processes, state.loss_sum, state.loss_count)
         if processes.writes:
             row = {
-                "epoch": epoch + 1,
-                "step": (epoch + 1) * steps_per_epoch,
-                "lr": optimizer.param_groups[0]["lr"],
+                "epoch": state.epoch + 1,
+                "step": (state.epoch + 1) * self.steps_per_epoch,
+                "lr": state.optimizer.param_groups[0]["lr"],
                 "train_loss": train_loss,
-                **validate(net, val_pairs, recipe, processes.device, progress),
+                **validate(
+                    state.model, self.val_pairs, self.recipe, processes.device, self.progress
+                ),
             }
             row["seconds"] = round(time.monotonic() - epoch_start, 3)
-            history.append(row)
+            state.history.append(row)
             score = _score(row)
-            if best is None or score["score"] > best["score"]:
-                best = {"epoch": epoch + 1, **score}
-                save_checkpoint(paths["best"], net, frame, checkpoint_recipe(row))
-            save_checkpoint(paths["last"], net, frame, checkpoint_recipe(row))
-        epoch, step, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
-        scheduler.step()
-        write_state(epoch, 0)
+            if state.best is None or score["score"] > state.best["score"]:
+                state.best = {"epoch": state.epoch + 1, **score}
+                self._save_checkpoint("best", row)
+            self._save_checkpoint("last", row)
+        state.epoch, state.step, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
+        state.scheduler.step()
+        self._save_state()
         if processes.writes:
-            write_metrics(output / "metrics.csv", history)
-            plot_curves(output / "curves.png", history)
-            if progress is not None:
-                progress("epoch", epoch, recipe.epochs, history[-1])
-        _barrier(processes)
-    return TrainResult(
-        output=output,
-        epochs_done=epoch,
-        epochs=recipe.epochs,
-        best_epoch=best["epoch"] if best else None,
-        best_metric=best["metric"] if best else "",
-        best_value=best["value"] if best else None,
-        stopped_early=stopped_early,
-        history=history,
-        last=paths["last"],
-        best=paths["best"],
-        state=state_path,
-    )
+            self._write_history()
+            if self.progress is not None:
+                self.progress("epoch", state.epoch, self.recipe.epochs, state.history[-1])
+        barrier(processes)
+
+    def _save_state(self) -> None:
+        info = {
+            "recipe": self.recipe.to_dict(),
+            "frame": self.frame.to_dict(),
+            "config": self.state.model.config.to_dict(),
+            "data": self.data_info,
+        }
+        self.state.save(self.output / STATE_FILE, self.processes, info)
+
+    def _save_checkpoint(self, name: str, row: dict | None) -> None:
+        """``NAME.safetensors`` with the recipe, the data's origin and the epoch's scores."""
+        details = {"trained_by": f"vitreg {__version__} train", "data": self.data_info["origin"]}
+        if row is not None:
+            keys = ("epoch", "val_dice", "val_folding_percent")
+            details.update({k: row[k] for k in keys if k in row})
+        recipe = {**self.recipe.to_dict(), **details}
+        save_checkpoint(self.output / f"{name}.safetensors", self.state.model, self.frame, recipe)
+
+    def _write_history(self) -> None:
+        write_metrics(self.output / "metrics.csv", self.state.history)
+        plot_curves(self.output / "curves.png", self.state.history)
+
+    def _result(self, stopped: bool) -> TrainResult:
+        best = self.state.best
+        return TrainResult(
+            output=self.output,
+            epochs_done=self.state.epoch,
+            epochs=self.recipe.epochs,
+            best_epoch=best["epoch"] if best else None,
+            best_metric=best["metric"] if best else "",
+            best_value=best["value"] if best else None,
+            stopped_early=stopped,
+            history=self.state.history,
+            last=self.output / "last.safetensors",
+            best=self.output / "best.safetensors",
+            state=self.output / STATE_FILE,
+        )

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from vitreg import __version__
-from vitreg.errors import VitregError
+from vitreg.container import read_container, write_container
+from vitreg.errors import OptionError, VitregError
+from vitreg.files import plain_file_mode
 from vitreg.frame import ModelFrame
-from vitreg.image import atomic_path, plain_file_mode
 from vitreg.nets.vitvnet import VitVNet, VitVNetConfig, load_state_dict
 
 FORMAT = "vitreg-checkpoint-1"
@@ -220,12 +219,12 @@ def sha256_of(path: Path) -> str:
 def resolve(
     name_or_path: str | Path,
     offline: bool | None = None,
-    progress: bool | ProgressCallback = True,
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """Checkpoint file for a path or name: the path; shipped; cached; else downloaded.
 
-    ``offline`` (default ``$VITREG_OFFLINE``) forbids the download. ``progress`` is True for a
-    rich bar on stderr, False for none, or a ``report(bytes_done, bytes_total)`` callback.
+    ``offline`` (default ``$VITREG_OFFLINE``) forbids the download. ``progress`` is called
+    as ``report(bytes_done, bytes_total)`` while a download runs.
     """
     text = str(name_or_path)
     candidate = Path(text).expanduser()
@@ -254,7 +253,7 @@ def resolve(
     return fetch(name, progress=progress)
 
 
-def fetch(name: str, progress: bool | ProgressCallback = True) -> Path:
+def fetch(name: str, progress: ProgressCallback | None = None) -> Path:
     """Download a registry checkpoint into the cache, verified by size and sha256.
 
     A file lock in the cache folder makes concurrent fetches of one checkpoint download it
@@ -282,25 +281,9 @@ def fetch(name: str, progress: bool | ProgressCallback = True) -> Path:
         target = folder / f"{name}{SUFFIX}"
         if target.is_file():
             return target
-        with _progress_reporter(progress) as report:
-            return _download_from_mirrors(entry, target, report)
+        return _download_from_mirrors(entry, target, progress)
     finally:
         lock.release()
-
-
-@contextmanager
-def _progress_reporter(progress: bool | ProgressCallback) -> Iterator[ProgressCallback | None]:
-    """The callback to report bytes to: the caller's, a rich bar's on stderr, or None."""
-    if callable(progress):
-        yield progress
-    elif progress:
-        from vitreg.console import download_progress
-
-        bar, report = download_progress()
-        with bar:
-            yield report
-    else:
-        yield None
 
 
 class _TransferError(Exception):
@@ -453,54 +436,25 @@ def _write_checkpoint(
     recipe: dict,
 ) -> Path:
     """safetensors file at ``path`` (temporary file beside it, then os.replace)."""
-    try:
-        metadata = {
-            "format": FORMAT,
-            "config": json.dumps(config.to_dict()),
-            "frame": json.dumps(frame.to_dict()),
-            "recipe": json.dumps(recipe),
-            "vitreg_version": __version__,
-        }
-    except TypeError as error:
-        raise VitregError(f"{path}: the recipe must be JSON-serialisable ({error})") from None
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise VitregError(f"{path.parent}: cannot create the folder ({error.strerror})") from None
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
-    return path
+    fields = {"config": config.to_dict(), "frame": frame.to_dict(), "recipe": recipe}
+    return write_container(path, state, FORMAT, fields)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a vitreg safetensors checkpoint (no pickle); a foreign or corrupt file is refused."""
     path = Path(path)
-    if not path.is_file():
-        raise VitregError(f"{path}: no such checkpoint file")
+    hint = "; convert the authors' checkpoints with: vitreg weights import"
+    fields, state = read_container(path, FORMAT, "vitreg checkpoint", hint)
     try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            state = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise VitregError(f"{path}: not a vitreg checkpoint (safetensors: {error})") from None
-    if metadata.get("format") != FORMAT:
-        raise VitregError(
-            f"{path}: a safetensors file without vitreg metadata (format "
-            f"{metadata.get('format')!r}, expected {FORMAT!r}); convert the authors' "
-            "checkpoints with: vitreg weights import"
-        )
-    try:
-        config = VitVNetConfig.from_dict(json.loads(metadata["config"]))
-        frame = ModelFrame.from_dict(json.loads(metadata["frame"]))
-        recipe = json.loads(metadata.get("recipe", "{}"))
-    except (KeyError, TypeError, json.JSONDecodeError, VitregError) as error:
+        config = VitVNetConfig.from_dict(fields["config"])
+        frame = ModelFrame.from_dict(fields["frame"])
+    except (KeyError, TypeError, VitregError) as error:
         raise VitregError(f"{path}: malformed vitreg metadata ({error})") from None
     return Checkpoint(
         config=config,
         frame=frame,
-        recipe=recipe,
-        vitreg_version=metadata.get("vitreg_version", "unknown"),
+        recipe=fields.get("recipe", {}),
+        vitreg_version=fields["vitreg_version"],
         state_dict=state,
         path=path,
     )
@@ -514,6 +468,26 @@ def build_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> V
     except VitregError as error:
         raise VitregError(f"{checkpoint.path}: {error}") from None
     return model.to(device).eval()
+
+
+def load_model(
+    model: VitVNet | str | Path | None,
+    frame: ModelFrame | None = None,
+    offline: bool | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[VitVNet | None, ModelFrame]:
+    """The network and frame to register with.
+
+    A checkpoint name or path (see :func:`resolve`; ``offline`` and ``progress`` as there) is
+    loaded and brings its own frame; 'none' or None means no network; a VitVNet is used as
+    it is. Without a checkpoint the frame is ``frame``, else the default ModelFrame.
+    """
+    if isinstance(model, str | Path):
+        if str(model).lower() == "none":
+            return None, frame or ModelFrame()
+        checkpoint = read_checkpoint(resolve(model, offline=offline, progress=progress))
+        return build_model(checkpoint), checkpoint.frame
+    return model, frame or ModelFrame()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,14 +534,12 @@ def import_official(
 def _check_import_name(name: str) -> None:
     """Refuse names that are not plain, or that would shadow a downloadable checkpoint."""
     if not NAME_PATTERN.fullmatch(name or "") or name in (DEFAULT_ALIAS, "none"):
-        raise VitregError(
-            f"--name {name!r}: give a plain checkpoint name (letters, digits, '.', '_', '-')"
+        raise OptionError(
+            "name", name, "give a plain checkpoint name (letters, digits, '.', '_', '-')"
         )
     entry = load_registry().entries.get(name)
     if entry is not None and not entry.import_only:
-        raise VitregError(
-            f"--name {name!r} is a downloadable registry checkpoint; choose another name"
-        )
+        raise OptionError("name", name, "is a downloadable registry checkpoint; choose another")
 
 
 def _load_weights_only(path: Path) -> object:

@@ -8,10 +8,12 @@ the fly for the input's size and device (see :mod:`vitreg.transform`).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,20 @@ class VitVNetConfig:
     def to_dict(self) -> dict:
         """Plain JSON-able dict (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> VitVNetConfig:
+        """The published config with the fields a JSON object file names changed."""
+        try:
+            changes = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise VitregError(f"{path}: not a readable JSON file ({error})") from None
+        if not isinstance(changes, dict):
+            raise VitregError(f"{path}: expected a JSON object of config fields")
+        try:
+            return cls.from_dict({**cls().to_dict(), **changes})
+        except (TypeError, VitregError) as error:
+            raise VitregError(f"{path}: {error}") from None
 
     @classmethod
     def from_dict(cls, values: dict) -> VitVNetConfig:

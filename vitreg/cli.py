@@ -44,10 +44,32 @@ WeightsOption = Annotated[
     str, typer.Option(help="Checkpoint name, path, or 'none' (optimisation only).")
 ]
 OptimizeOption = Annotated[
-    int, typer.Option(help="Steps of test-time optimisation (local NCC + diffusion).")
+    int | None,
+    typer.Option(
+        help="Total iterations of test-time optimisation, split over --levels; 0: none "
+        "(network only). Default: the optimiser's schedule (see --iterations)."
+    ),
+]
+OptimizerOption = Annotated[
+    str,
+    typer.Option(
+        help="greedy (local NCC, Gaussian-smoothed updates; fast) or adam (gradient descent "
+        "on --similarity + --smoothness x --regularizer; for MI, MSE, bending, Dice guidance)."
+    ),
+]
+IterationsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Iterations at each level, e.g. 100,30,10 (or 100x30x10, as greedy's -n). "
+        "Default greedy: 100,30,10 on levels 4,2,1 (20,5 on 2,1 after a network)."
+    ),
+]
+LevelsOption = Annotated[
+    str | None,
+    typer.Option(help="Coarse-to-fine downsampling factors, e.g. 4,2,1 (default per optimiser)."),
 ]
 SmoothnessOption = Annotated[
-    float, typer.Option(help="Weight of the diffusion term in --optimize (higher: smoother).")
+    float, typer.Option(help="--optimizer adam: weight of the penalty (higher: smoother).")
 ]
 AffineOption = Annotated[
     bool, typer.Option(help="Affine pre-alignment (moments, rigid, affine by MI) first.")
@@ -85,14 +107,25 @@ InverseOption = Annotated[
     Path | None, typer.Option(help="Moving-to-fixed flow out, on MOVING's grid.")
 ]
 SimilarityOption = Annotated[
-    str, typer.Option(help="--optimize similarity: ncc (local), mse or mi (mutual info).")
+    str, typer.Option(help="--optimizer adam: ncc (local), mse or mi (mutual information).")
 ]
-RegularizerOption = Annotated[str, typer.Option(help="--optimize penalty: diffusion or bending.")]
-LevelsOption = Annotated[
-    str, typer.Option(help="--optimize coarse-to-fine downsampling factors, e.g. 4,2,1.")
+RegularizerOption = Annotated[
+    str, typer.Option(help="--optimizer adam: penalty, diffusion or bending.")
 ]
 DiceWeightOption = Annotated[
-    float, typer.Option(help="--optimize Dice guidance weight (needs both label maps).")
+    float, typer.Option(help="--optimizer adam: Dice guidance weight (needs both label maps).")
+]
+WindowOption = Annotated[
+    int | None,
+    typer.Option(help="--optimizer greedy: local NCC window, voxels per side (odd; default 5)."),
+]
+SigmaUpdateOption = Annotated[
+    float | None,
+    typer.Option(help="--optimizer greedy: Gaussian sigma of each update, voxels (default 2.5)."),
+]
+SigmaFieldOption = Annotated[
+    float | None,
+    typer.Option(help="--optimizer greedy: Gaussian sigma of the field, voxels (default 1)."),
 ]
 
 # register-batch's and evaluate's own options
@@ -114,12 +147,27 @@ SummaryJsonOption = Annotated[
 ]
 
 
-def _integers(text: str, option: str) -> tuple[int, ...]:
-    """'4,2,1' -> (4, 2, 1); anything else is a user error about ``option``."""
+def _integers(text: str | None, option: str) -> tuple[int, ...] | None:
+    """'4,2,1' or '4x2x1' -> (4, 2, 1), None -> None; else a user error about ``option``."""
+    if text is None:
+        return None
     try:
-        return tuple(int(item) for item in text.split(",") if item.strip())
+        return tuple(int(item) for item in text.replace("x", ",").split(",") if item.strip())
     except ValueError:
-        raise OptionError(option, text, "expected comma-separated integers") from None
+        raise OptionError(option, text, "expected integers separated by ',' or 'x'") from None
+
+
+def _given(**options: object) -> dict:
+    """The options that were given (not None): the others keep the library's defaults."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _say_optimisation_alone(weights: str, quiet: bool) -> None:
+    """Say once, on stderr, that 'default' falls back to optimisation alone."""
+    from vitreg.weights import DEFAULT_ALIAS, NO_DEFAULT_NOTE, default_installed
+
+    if weights == DEFAULT_ALIAS and not default_installed():
+        say(quiet, f"vitreg: {NO_DEFAULT_NOTE}")
 
 
 def _change(before: float | None, after: float | None, digits: int) -> str:
@@ -133,7 +181,10 @@ def register(
     output: Annotated[Path, typer.Option("-o", "--output", help="Warped moving image.")],
     flow: Annotated[Path | None, typer.Option("--flow", help="Displacement field out.")] = None,
     weights: WeightsOption = "default",
-    optimize: OptimizeOption = 0,
+    optimize: OptimizeOption = None,
+    optimizer: OptimizerOption = "greedy",
+    iterations: IterationsOption = None,
+    levels: LevelsOption = None,
     smoothness: SmoothnessOption = 5.0,
     device: DeviceOption = "auto",
     flow_format: FlowFormatOption = "itk",
@@ -148,8 +199,10 @@ def register(
     inverse_flow: InverseOption = None,
     similarity: SimilarityOption = "ncc",
     regularizer: RegularizerOption = "diffusion",
-    levels: LevelsOption = "4,2",
     dice_weight: DiceWeightOption = 0.0,
+    window: WindowOption = None,
+    sigma_update: SigmaUpdateOption = None,
+    sigma_field: SigmaFieldOption = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -161,9 +214,13 @@ def register(
     carry FIXED's header; --inverse-flow carries MOVING's. The table shows the files
     written, NCC and Dice before → after, folding and the time; --json adds every setting.
 
+    Without a trained checkpoint installed (the default's case today), the field comes from
+    test-time optimisation alone: the greedy optimiser (local NCC, Gaussian-smoothed updates,
+    levels 4,2,1); with one, the network predicts it and a short optimisation refines it.
+
     [bold]Example:[/bold] vitreg register examples/fixed.nii.gz examples/moving.nii.gz
     -o warped.nii.gz --flow flow.nii.gz --fixed-labels examples/fixed_labels.nii.gz
-    --moving-labels examples/moving_labels.nii.gz --weights none --optimize 10
+    --moving-labels examples/moving_labels.nii.gz
     """
     with user_errors():
         from vitreg.pairs import Pair
@@ -172,15 +229,19 @@ def register(
 
         settings = RegisterSettings(
             optimize=optimize,
+            optimizer=optimizer,
+            iterations=_integers(iterations, "iterations"),
+            levels=_integers(levels, "levels"),
             smoothness=smoothness,
             affine=affine,
             allow_affine_failure=allow_affine_failure,
             diffeo=diffeo,
-            levels=_integers(levels, "levels"),
             similarity=similarity,
             regularizer=regularizer,
             dice_weight=dice_weight,
+            **_given(window=window, sigma_update=sigma_update, sigma_field=sigma_field),
         )
+        _say_optimisation_alone(weights, quiet)
         pair = Pair(0, moving.name, fixed, moving, fixed_labels, moving_labels)
         paths = OutputPaths(output, flow, flow_format, inverse_flow, affine_out, qc=qc)
         header = f"registering {moving} (moving) to {fixed} (fixed), weights {weights}"
@@ -227,7 +288,10 @@ def register_batch(
     ],
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for outputs and summary.")],
     weights: WeightsOption = "default",
-    optimize: OptimizeOption = 0,
+    optimize: OptimizeOption = None,
+    optimizer: OptimizerOption = "greedy",
+    iterations: IterationsOption = None,
+    levels: LevelsOption = None,
     smoothness: SmoothnessOption = 5.0,
     device: DeviceOption = "auto",
     qc: Annotated[bool, typer.Option("--qc", help="Also write NAME_qc.png per pair.")] = False,
@@ -254,15 +318,18 @@ def register_batch(
     then 1 (2 for a usage error such as a bad CSV header).
 
     [bold]Example:[/bold] vitreg register-batch examples/pairs.csv --out-dir results
-    --weights none --optimize 5
+    --iterations 10,5,0
     """
     with user_errors():
         from vitreg.batch import register_batch as run_batch
         from vitreg.register import RegisterSettings
 
         settings = RegisterSettings(
-            optimize=optimize, smoothness=smoothness, affine=affine, diffeo=diffeo
-        )
+            optimize=optimize, optimizer=optimizer, iterations=_integers(iterations, "iterations"),
+            levels=_integers(levels, "levels"), smoothness=smoothness, affine=affine,
+            diffeo=diffeo,
+        )  # fmt: skip
+        _say_optimisation_alone(weights, quiet)
         header = f"registering the pairs of {pairs} (moving to fixed) into {out_dir}"
         with stage_progress(quiet, header) as progress:
 
@@ -336,7 +403,10 @@ def evaluate(
         Path, typer.Option("--out", help="Folder for results.csv, dice.csv and summary.json.")
     ],
     weights: WeightsOption = "default",
-    optimize: OptimizeOption = 0,
+    optimize: OptimizeOption = None,
+    optimizer: OptimizerOption = "greedy",
+    iterations: IterationsOption = None,
+    levels: LevelsOption = None,
     smoothness: SmoothnessOption = 5.0,
     device: DeviceOption = "auto",
     groups: Annotated[
@@ -351,16 +421,19 @@ def evaluate(
     """Register every pair of PAIRS and score it: Dice per structure, folding (det <= 0),
     SDlogJ, end-point error against a true flow, wall time and peak memory.
 
-    [bold]Example:[/bold] vitreg evaluate examples/pairs.csv --out eval --weights none
-    --optimize 5 --groups
+    [bold]Example:[/bold] vitreg evaluate examples/pairs.csv --out eval --iterations 10,5,0
+    --groups
     """
     with user_errors():
         from vitreg.evaluate import evaluate_csv
         from vitreg.register import RegisterSettings
 
         settings = RegisterSettings(
-            optimize=optimize, smoothness=smoothness, affine=affine, diffeo=diffeo
-        )
+            optimize=optimize, optimizer=optimizer, iterations=_integers(iterations, "iterations"),
+            levels=_integers(levels, "levels"), smoothness=smoothness, affine=affine,
+            diffeo=diffeo,
+        )  # fmt: skip
+        _say_optimisation_alone(weights, quiet)
         header = f"evaluating the pairs of {pairs}, weights {weights}"
         with stage_progress(quiet, header) as progress:
             result = evaluate_csv(

@@ -1,7 +1,12 @@
-"""Fast test-time optimisation of a dense field: greedy updates of local NCC, Gaussian smoothing.
+"""Test-time optimisation of a dense field, by two engines.
 
-The engine behind ``vitreg register``'s default optimisation (the family of greedy, demons and
-FireANTs). At each level of a coarse-to-fine pyramid, each iteration:
+:func:`greedy_optimize`, the default: greedy updates of local NCC with Gaussian smoothing
+(below). :func:`optimize_flow`: gradient descent (Adam, autograd) on any similarity of
+:mod:`vitreg.losses` plus a penalty weight, with optional Dice guidance by label maps; slower
+(autograd through the warp), kept for MI, MSE, bending energy and Dice guidance.
+
+The greedy engine is of the family of greedy, demons and FireANTs. At each level of a
+coarse-to-fine pyramid, each iteration:
 
 1. warps the moving image with the current field, ``warped(x) = moving(x + u(x))``;
 2. takes the gradient of the summed local NCC with respect to ``warped`` in closed form (window
@@ -30,8 +35,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vitreg.errors import VitregError
-from vitreg.transform import identity_grid, integrate_velocity, resize_flow
+from vitreg.errors import OptionError, VitregError
+from vitreg.losses import regularizer_function, similarity_function, soft_dice
+from vitreg.transform import (
+    displacement_from_output,
+    identity_grid,
+    integrate_velocity,
+    resize_flow,
+    warp,
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -421,3 +433,107 @@ def greedy_optimize(
             del level
         state = resize_flow(state, region.size, align_corners=False)
     return region.embed(state, shape)
+
+
+# ------------------------------------------------------------- gradient descent (Adam)
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` steps over ``parts`` levels, the first levels taking the remainder."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def check_levels(levels: Sequence[int], shape: Sequence[int] | None) -> tuple[int, ...]:
+    """``levels`` as a tuple of downsampling factors, each >= 1 and, with a frame ``shape``,
+    fine enough for it (at least 4 voxels along every axis); OptionError otherwise."""
+    levels = tuple(int(factor) for factor in levels)
+    if not levels or any(factor < 1 for factor in levels):
+        raise OptionError("levels", levels, "expected downsampling factors >= 1, e.g. (4, 2, 1)")
+    if shape is not None and any(min(shape) // factor < 4 for factor in levels):
+        raise OptionError("levels", levels, f"too coarse for a frame of {tuple(shape)} voxels")
+    return levels
+
+
+def onehot_levels(labels: torch.Tensor, values: Sequence[int], factor: int) -> torch.Tensor:
+    """(1, 1, D, H, W) integer labels -> (1, K, D/f, H/f, W/f) label shares, one label at a time."""
+    return torch.cat([_shrink((labels == value).float(), factor) for value in values], dim=1)
+
+
+def optimize_flow(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    initial_flow_vox: torch.Tensor,
+    steps: int | Sequence[int],
+    levels: Sequence[int] = (4, 2),
+    smoothness: float = 5.0,
+    learning_rate: float = 0.2,
+    progress: Progress | None = None,
+    similarity: str = "ncc",
+    regularizer: str = "diffusion",
+    velocity: bool = False,
+    integration_steps: int = 7,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dice_weight: float = 0.0,
+) -> torch.Tensor:
+    """Test-time optimisation of a flow: similarity + ``smoothness`` x regulariser, Adam.
+
+    ``fixed``/``moving`` are (1, 1, D, H, W) in [0, 1]; ``initial_flow_vox`` (1, 3, D, H, W)
+    voxels (a stationary velocity when ``velocity``: the warp then uses its scaling-and-squaring
+    exponential, and the regulariser acts on the velocity). ``similarity`` is 'ncc' (local
+    9^3), 'mse' or 'mi' (Parzen mutual information); ``regularizer`` 'diffusion' or 'bending'.
+    ``labels`` (fixed, moving), each (1, 1, D, H, W) integer maps in the frame, add
+    ``dice_weight`` x soft Dice of the warped label shares over the labels both hold.
+    Coarse to fine over ``levels`` (downsampling factors; 1 is full resolution); ``steps``
+    gives the steps of each level, or their total, split evenly; each level starts from the
+    last one's field. Returns (1, 3, D, H, W) voxels (the velocity when ``velocity``).
+    """
+    shape = fixed.shape[2:]
+    levels = check_levels(levels, shape)
+    similarity_fn = similarity_function(similarity)
+    regularizer_fn = regularizer_function(regularizer)
+    values: list[int] = []
+    if labels is not None and dice_weight > 0:
+        values = sorted(
+            set(torch.unique(labels[0]).tolist()) & set(torch.unique(labels[1]).tolist()) - {0}
+        )
+    flow = initial_flow_vox.detach()
+    per_level = split_evenly(steps, len(levels)) if isinstance(steps, int) else list(steps)
+    if len(per_level) != len(levels):
+        raise OptionError("iterations", tuple(per_level), f"expected one per level {levels}")
+    total = sum(per_level)
+    done = 0
+    for factor, level_steps in zip(levels, per_level, strict=True):
+        if level_steps == 0:
+            continue
+        fixed_level, moving_level = _shrink(fixed, factor), _shrink(moving, factor)
+        if values:
+            fixed_onehot = onehot_levels(labels[0], values, factor)
+            moving_onehot = onehot_levels(labels[1], values, factor)
+        level_flow = resize_flow(flow, fixed_level.shape[2:], align_corners=False)
+        level_flow.requires_grad_(True)
+        optimizer = torch.optim.Adam([level_flow], lr=learning_rate)
+        for _ in range(level_steps):
+            optimizer.zero_grad(set_to_none=True)
+            displacement = displacement_from_output(level_flow, velocity, integration_steps)
+            warped = warp(moving_level, displacement)
+            loss = similarity_fn(fixed_level, warped) + smoothness * regularizer_fn(level_flow)
+            if values:
+                loss = loss + dice_weight * soft_dice(
+                    fixed_onehot, warp(moving_onehot, displacement)
+                )
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if progress is not None:
+                progress("optimise", done, total)
+        flow = resize_flow(level_flow.detach(), shape, align_corners=False)
+    return flow
+
+
+def split_by_factor(total: int, levels: Sequence[int]) -> list[int]:
+    """``total`` iterations over ``levels`` in proportion to their downsampling factors (a
+    coarse level's iteration is the cheapest), rounded, the remainder to the coarsest."""
+    weights = [factor / sum(levels) for factor in levels]
+    counts = [int(total * weight) for weight in weights]
+    counts[0] += total - sum(counts)
+    return counts

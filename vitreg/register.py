@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vitreg.affine import estimate_affine, in_fixed_world
 from vitreg.device import choose_device
@@ -17,8 +16,16 @@ from vitreg.errors import OptionError, VitregError
 from vitreg.field import DisplacementField, affine_displacement, warp_image, with_affine
 from vitreg.frame import ModelFrame, flow_to_native_mm, frame_labels, frame_pair
 from vitreg.image import Volume
-from vitreg.losses import local_ncc, regularizer_function, similarity_function, soft_dice
+from vitreg.losses import local_ncc, regularizer_function, similarity_function
 from vitreg.nets.vitvnet import VitVNet
+from vitreg.optimize import (
+    GreedySchedule,
+    check_levels,
+    greedy_optimize,
+    optimize_flow,
+    split_by_factor,
+    split_evenly,
+)
 from vitreg.transform import (
     compose,
     displacement_from_output,
@@ -32,6 +39,16 @@ Progress = Callable[[str, int, int], None]
 """Called as progress(stage, done, total) while long stages run."""
 
 
+OPTIMIZERS = ("greedy", "adam")
+OTHER = {"greedy": "adam", "adam": "greedy"}
+GREEDY = GreedySchedule()
+"""The greedy optimiser's defaults, its schedule from a zero field among them."""
+AFTER_NETWORK = ((2, 1), (20, 5))
+"""The greedy optimiser's default (levels, iterations) after a network's prediction."""
+ADAM_LEVELS = (4, 2)
+ADAM_STEPS = 100
+ADAM_OPTIONS = ("smoothness", "similarity", "regularizer", "learning_rate", "dice_weight")
+GREEDY_OPTIONS = ("window", "sigma_update", "sigma_field", "coarse_field")
 INVERSE_ITERATIONS = 30
 INVERSE_SHRINK = 2
 INVERSE_TOLERANCE_VOX = 0.01  # stop the fixed-point iteration once no voxel moves more
@@ -81,97 +98,6 @@ class InverseField:
     exact: bool
 
 
-def _shrink(image: torch.Tensor, factor: int) -> torch.Tensor:
-    """Average ``factor``^3 blocks of (1, C, D, H, W): voxel edges kept (align_corners=False)."""
-    if factor == 1:
-        return image
-    return F.interpolate(image, size=[n // factor for n in image.shape[2:]], mode="area")
-
-
-def _check_levels(levels: Sequence[int], shape: Sequence[int] | None) -> tuple[int, ...]:
-    """``levels`` as a tuple of downsampling factors, each >= 1 and, with a frame ``shape``,
-    fine enough for it (at least 4 voxels along every axis); OptionError otherwise."""
-    levels = tuple(int(factor) for factor in levels)
-    if not levels or any(factor < 1 for factor in levels):
-        raise OptionError("levels", levels, "expected downsampling factors >= 1, e.g. (4, 2, 1)")
-    if shape is not None and any(min(shape) // factor < 4 for factor in levels):
-        raise OptionError("levels", levels, f"too coarse for a frame of {tuple(shape)} voxels")
-    return levels
-
-
-def onehot_levels(labels: torch.Tensor, values: Sequence[int], factor: int) -> torch.Tensor:
-    """(1, 1, D, H, W) integer labels -> (1, K, D/f, H/f, W/f) label shares, one label at a time."""
-    return torch.cat([_shrink((labels == value).float(), factor) for value in values], dim=1)
-
-
-def optimize_flow(
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    initial_flow_vox: torch.Tensor,
-    steps: int,
-    levels: Sequence[int] = (4, 2),
-    smoothness: float = 5.0,
-    learning_rate: float = 0.2,
-    progress: Progress | None = None,
-    similarity: str = "ncc",
-    regularizer: str = "diffusion",
-    velocity: bool = False,
-    integration_steps: int = 7,
-    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
-    dice_weight: float = 0.0,
-) -> torch.Tensor:
-    """Test-time optimisation of a flow: similarity + ``smoothness`` x regulariser, Adam.
-
-    ``fixed``/``moving`` are (1, 1, D, H, W) in [0, 1]; ``initial_flow_vox`` (1, 3, D, H, W)
-    voxels (a stationary velocity when ``velocity``: the warp then uses its scaling-and-squaring
-    exponential, and the regulariser acts on the velocity). ``similarity`` is 'ncc' (local
-    9^3), 'mse' or 'mi' (Parzen mutual information); ``regularizer`` 'diffusion' or 'bending'.
-    ``labels`` (fixed, moving), each (1, 1, D, H, W) integer maps in the frame, add
-    ``dice_weight`` x soft Dice of the warped label shares over the labels both hold.
-    Coarse to fine over ``levels`` (downsampling factors; 1 is full resolution), the steps
-    split evenly; each level starts from the last one's field. Returns (1, 3, D, H, W) voxels
-    (the velocity when ``velocity``).
-    """
-    shape = fixed.shape[2:]
-    levels = _check_levels(levels, shape)
-    similarity_fn = similarity_function(similarity)
-    regularizer_fn = regularizer_function(regularizer)
-    values: list[int] = []
-    if labels is not None and dice_weight > 0:
-        values = sorted(
-            set(torch.unique(labels[0]).tolist()) & set(torch.unique(labels[1]).tolist()) - {0}
-        )
-    flow = initial_flow_vox.detach()
-    per_level = [steps // len(levels) + (i < steps % len(levels)) for i in range(len(levels))]
-    done = 0
-    for factor, level_steps in zip(levels, per_level, strict=True):
-        if level_steps == 0:
-            continue
-        fixed_level, moving_level = _shrink(fixed, factor), _shrink(moving, factor)
-        if values:
-            fixed_onehot = onehot_levels(labels[0], values, factor)
-            moving_onehot = onehot_levels(labels[1], values, factor)
-        level_flow = resize_flow(flow, fixed_level.shape[2:], align_corners=False)
-        level_flow.requires_grad_(True)
-        optimizer = torch.optim.Adam([level_flow], lr=learning_rate)
-        for _ in range(level_steps):
-            optimizer.zero_grad(set_to_none=True)
-            displacement = displacement_from_output(level_flow, velocity, integration_steps)
-            warped = warp(moving_level, displacement)
-            loss = similarity_fn(fixed_level, warped) + smoothness * regularizer_fn(level_flow)
-            if values:
-                loss = loss + dice_weight * soft_dice(
-                    fixed_onehot, warp(moving_onehot, displacement)
-                )
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if progress is not None:
-                progress("optimise", done, steps)
-        flow = resize_flow(level_flow.detach(), shape, align_corners=False)
-    return flow
-
-
 def predict_flow(
     model: VitVNet, fixed: torch.Tensor, moving: torch.Tensor, integrate: bool = True
 ) -> torch.Tensor:
@@ -212,35 +138,64 @@ def pre_align(
 class RegisterSettings:
     """How :func:`register` treats a pair: everything but the images, model, frame and device.
 
-    The fields are :func:`register`'s options of the same names; ``levels`` are downsampling
-    factors, ``smoothness``, ``learning_rate`` and ``dice_weight`` unitless weights. Making
-    the settings checks each value and their combinations (an OptionError names the
+    The fields are :func:`register`'s options of the same names. The test-time optimisation:
+
+    - ``optimizer``: 'greedy' (the default: :func:`vitreg.optimize.greedy_optimize`, local
+      NCC over ``window``^3 voxels, Gaussian smoothing of the update and of the field with
+      ``sigma_update`` and ``sigma_field`` voxels, ``coarse_field`` at full resolution) or
+      'adam' (:func:`vitreg.optimize.optimize_flow`: ``similarity`` + ``smoothness`` x
+      ``regularizer``, ``learning_rate``, Dice guidance with ``dice_weight``).
+    - ``levels``: downsampling factors, coarse to fine (None: the optimiser's default);
+      ``iterations``: the iterations at each level; else ``optimize``: their total (split
+      over the levels in proportion to the factors for 'greedy', evenly for 'adam'; 0 turns
+      the optimisation off); both None: the optimiser's default schedule (a shorter one
+      after a network, :data:`AFTER_NETWORK`).
+
+    Making the settings checks each value and their combinations (an OptionError names the
     parameter); :meth:`check_labels` checks them against the label maps given, and
     :meth:`checked` against a model and its frame.
     """
 
-    optimize: int = 0
+    optimize: int | None = None
     smoothness: float = 5.0
     affine: bool = True
     allow_affine_failure: bool = False
     diffeo: bool = False
     integration_steps: int = 7
-    levels: Sequence[int] = (4, 2)
+    levels: Sequence[int] | None = None
     similarity: str = "ncc"
     regularizer: str = "diffusion"
     learning_rate: float = 0.2
     dice_weight: float = 0.0
+    optimizer: str = "greedy"
+    iterations: Sequence[int] | None = None
+    window: int = GREEDY.window
+    sigma_update: float = GREEDY.sigma_update
+    sigma_field: float = GREEDY.sigma_field
+    coarse_field: bool = GREEDY.coarse_field
 
     def __post_init__(self) -> None:
         for option in ("optimize", "smoothness", "dice_weight"):
-            if getattr(self, option) < 0:
+            if (getattr(self, option) or 0) < 0:
                 raise OptionError(option, getattr(self, option), "must be >= 0")
         for option in ("learning_rate", "integration_steps"):
             if getattr(self, option) <= 0:
                 raise OptionError(option, getattr(self, option), "must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise OptionError("optimizer", self.optimizer, f"expected {' or '.join(OPTIMIZERS)}")
         similarity_function(self.similarity)
         regularizer_function(self.regularizer)
-        object.__setattr__(self, "levels", _check_levels(self.levels, None))
+        if self.levels is not None:
+            object.__setattr__(self, "levels", check_levels(self.levels, None))
+        if self.iterations is not None:
+            object.__setattr__(self, "iterations", tuple(int(n) for n in self.iterations))
+            if any(n < 0 for n in self.iterations):
+                raise OptionError("iterations", self.iterations, "must be >= 0")
+            if len(self.iterations) != len(self.levels or self._default(False)[0]):
+                raise OptionError(
+                    "iterations", self.iterations, "expected one number per level of {levels}"
+                )
+        self._check_optimizer_options()
         if self.dice_weight > 0 and self.optimize == 0:
             raise OptionError(
                 "dice_weight",
@@ -248,9 +203,58 @@ class RegisterSettings:
                 "Dice guidance acts in the optimisation: give {optimize} > 0",
             )
 
+    def _check_optimizer_options(self) -> None:
+        """OptionError for an option of the other optimiser than ``optimizer``."""
+        defaults = RegisterSettings.__dataclass_fields__
+        foreign = ADAM_OPTIONS if self.optimizer == "greedy" else GREEDY_OPTIONS
+        for option in foreign:
+            if getattr(self, option) != defaults[option].default:
+                raise OptionError(
+                    option,
+                    getattr(self, option),
+                    f"applies to the other optimiser; give {{optimizer}}='{OTHER[self.optimizer]}'",
+                )
+
+    def _default(self, network: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The optimiser's default (levels, iterations), after a network or from zero."""
+        if self.optimizer == "adam":
+            return ADAM_LEVELS, tuple(split_evenly(ADAM_STEPS, len(ADAM_LEVELS)))
+        return AFTER_NETWORK if network else (GREEDY.levels, GREEDY.iterations)
+
+    def plan(self, network: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The optimisation's (levels, iterations at each level); ``network``: it starts from
+        a network's output. No iterations at all when ``optimize`` is 0."""
+        default_levels, default_iterations = self._default(network)
+        levels = tuple(self.levels) if self.levels is not None else default_levels
+        if self.iterations is not None:
+            return levels, tuple(self.iterations)
+        if self.optimize is None and levels == default_levels:
+            return levels, default_iterations
+        total = sum(default_iterations) if self.optimize is None else self.optimize
+        if self.optimizer == "adam":
+            return levels, tuple(split_evenly(total, len(levels)))
+        return levels, tuple(split_by_factor(total, levels))
+
+    def greedy_schedule(self, network: bool) -> GreedySchedule:
+        """The greedy engine's schedule for these settings."""
+        levels, iterations = self.plan(network)
+        return GreedySchedule(
+            levels=levels,
+            iterations=iterations,
+            window=self.window,
+            sigma_update=self.sigma_update,
+            sigma_field=self.sigma_field,
+            diffeo=self.diffeo,
+            integration_steps=self.integration_steps,
+            coarse_field=self.coarse_field,
+        )
+
     def to_dict(self) -> dict:
-        """The settings as a plain JSON-able dict (``levels`` a list)."""
-        return {**dataclasses.asdict(self), "levels": list(self.levels)}
+        """The settings as a plain JSON-able dict (sequences as lists)."""
+        values = dataclasses.asdict(self)
+        for key in ("levels", "iterations"):
+            values[key] = None if values[key] is None else list(values[key])
+        return values
 
     def check_labels(self, labels: object | None) -> None:
         """OptionError when Dice guidance (``dice_weight`` > 0) has no label maps to use."""
@@ -260,12 +264,17 @@ class RegisterSettings:
     @property
     def guided(self) -> bool:
         """Whether the optimisation uses label maps (Dice guidance)."""
-        return self.optimize > 0 and self.dice_weight > 0
+        return self.optimize != 0 and self.dice_weight > 0
 
     def checked(self, model: VitVNet | None, frame: ModelFrame) -> RegisterSettings:
         """These settings checked against ``model`` and ``frame``; a model trained
         diffeomorphically (``config.int_steps`` > 0) sets ``diffeo`` and its step count."""
-        _check_levels(self.levels, frame.shape)
+        levels, _ = self.plan(model is not None)
+        check_levels(levels, frame.shape)
+        if self.optimizer == "greedy" and any(min(frame.shape) // f < self.window for f in levels):
+            raise OptionError(
+                "levels", levels, f"too coarse for a {self.window}^3 window in {frame.shape}"
+            )
         if model is None:
             return self
         if tuple(model.config.img_size) != tuple(frame.shape):
@@ -292,8 +301,8 @@ def settings_from(settings: RegisterSettings | None, options: dict) -> RegisterS
 
 
 def _as_field(name: str, value: object) -> object:
-    """``value`` as RegisterSettings stores field ``name`` (levels as a tuple)."""
-    return tuple(value) if name == "levels" else value
+    """``value`` as RegisterSettings stores field ``name`` (sequences as tuples)."""
+    return tuple(value) if name in ("levels", "iterations") and value is not None else value
 
 
 @dataclass(frozen=True)
@@ -407,13 +416,18 @@ def finish_registration(
     output = pair.output
     if output is None:
         output = torch.zeros(1, 3, *pair.fixed.shape[2:], device=pair.device)
-    if settings.optimize > 0:
+    network = pair.output is not None
+    levels, iterations = settings.plan(network)
+    if sum(iterations) > 0 and settings.optimizer == "greedy":
+        schedule = settings.greedy_schedule(network)
+        output = greedy_optimize(pair.fixed, pair.moving, output, schedule, progress)
+    elif sum(iterations) > 0:
         output = optimize_flow(
             pair.fixed,
             pair.moving,
             output,
-            settings.optimize,
-            levels=settings.levels,
+            iterations,
+            levels=levels,
             smoothness=settings.smoothness,
             learning_rate=settings.learning_rate,
             progress=progress,
@@ -454,7 +468,7 @@ def register(
     moving: Volume,
     model: VitVNet | None = None,
     frame: ModelFrame | None = None,
-    optimize: int = 0,
+    optimize: int | None = None,
     smoothness: float = 5.0,
     device: str = "auto",
     progress: Progress | None = None,
@@ -462,25 +476,34 @@ def register(
     allow_affine_failure: bool = False,
     diffeo: bool = False,
     integration_steps: int = 7,
-    levels: Sequence[int] = (4, 2),
+    levels: Sequence[int] | None = None,
     similarity: str = "ncc",
     regularizer: str = "diffusion",
     learning_rate: float = 0.2,
     labels: tuple[Volume, Volume] | None = None,
     dice_weight: float = 0.0,
     settings: RegisterSettings | None = None,
+    optimizer: str = "greedy",
+    iterations: Sequence[int] | None = None,
+    window: int = GREEDY.window,
+    sigma_update: float = GREEDY.sigma_update,
+    sigma_field: float = GREEDY.sigma_field,
+    coarse_field: bool = GREEDY.coarse_field,
 ) -> Registration:
     """Register ``moving`` to ``fixed``.
 
     With ``affine`` (default) an affine pre-alignment (moments, rigid, affine by mutual
     information; :mod:`vitreg.affine`) maps the moving image into the model frame, which is
     centred on the fixed head; otherwise both must already be roughly aligned in world space.
-    ``model`` predicts the dense part in its ``frame`` (the checkpoint's); ``optimize`` steps of
-    test-time optimisation refine it (see :func:`optimize_flow` for ``levels``, ``similarity``,
-    ``regularizer``, ``smoothness``, ``learning_rate``; ``labels`` (fixed, moving) with
-    ``dice_weight`` > 0 add Dice guidance), or start from zero when ``model`` is None.
-    ``diffeo``: the network output and the optimised field are stationary velocities,
-    integrated by scaling and squaring (``integration_steps``); a model trained
+    ``model`` predicts the dense part in its ``frame`` (the checkpoint's); test-time
+    optimisation refines it, or starts from zero when ``model`` is None: by default the greedy
+    local-NCC optimiser with its default schedule (a short one after a network); ``optimize=0``
+    turns it off. :class:`RegisterSettings` explains ``optimizer``, ``levels``,
+    ``iterations``, ``optimize`` and each optimiser's options (``window``, ``sigma_update``,
+    ``sigma_field``, ``coarse_field``; ``similarity``, ``regularizer``, ``smoothness``,
+    ``learning_rate``, and ``labels`` (fixed, moving) with ``dice_weight`` > 0 for Dice
+    guidance). ``diffeo``: the network output and the optimised field are stationary
+    velocities, integrated by scaling and squaring (``integration_steps``); a model trained
     diffeomorphically (``config.int_steps`` > 0) turns it on with its own step count. The
     result lives on the fixed image's native grid and its field includes the affine.
 
@@ -502,6 +525,12 @@ def register(
         regularizer=regularizer,
         learning_rate=learning_rate,
         dice_weight=dice_weight,
+        optimizer=optimizer,
+        iterations=iterations,
+        window=window,
+        sigma_update=sigma_update,
+        sigma_field=sigma_field,
+        coarse_field=coarse_field,
     )
     settings = settings_from(settings, options)
     settings.check_labels(labels)

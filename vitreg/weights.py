@@ -470,6 +470,20 @@ def build_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> V
     return model.to(device).eval()
 
 
+def default_installed() -> bool:
+    """Whether the registry's default checkpoint is on this machine (shipped in the package,
+    or in the cache): what ``default`` stands for without a download."""
+    registry = load_registry()
+    return local_path(_canonical_name(DEFAULT_ALIAS, registry)) is not None
+
+
+NO_DEFAULT_NOTE = (
+    "no trained checkpoint is installed (see 'vitreg weights list'): registering by "
+    "test-time optimisation alone (greedy local NCC from a zero field)"
+)
+"""What the command line says once when ``default`` falls back to optimisation alone."""
+
+
 def load_model(
     model: VitVNet | str | Path | None,
     frame: ModelFrame | None = None,
@@ -479,11 +493,14 @@ def load_model(
     """The network and frame to register with.
 
     A checkpoint name or path (see :func:`resolve`; ``offline`` and ``progress`` as there) is
-    loaded and brings its own frame; 'none' or None means no network; a VitVNet is used as
-    it is. Without a checkpoint the frame is ``frame``, else the default ModelFrame.
+    loaded and brings its own frame; 'none' or None means no network, and so does 'default'
+    while the default checkpoint is not installed (:func:`default_installed`: it is never
+    downloaded implicitly); a VitVNet is used as it is. Without a checkpoint the frame is
+    ``frame``, else the default ModelFrame.
     """
     if isinstance(model, str | Path):
-        if str(model).lower() == "none":
+        no_default = str(model) == DEFAULT_ALIAS and not default_installed()
+        if str(model).lower() == "none" or no_default:
             return None, frame or ModelFrame()
         checkpoint = read_checkpoint(resolve(model, offline=offline, progress=progress))
         return build_model(checkpoint), checkpoint.frame

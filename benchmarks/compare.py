@@ -69,20 +69,31 @@ def _vitreg(loaded, options: Options, network: bool, optimize: int, **register_o
     ).field
 
 
+def itk_displacement_to_field(dense, grid, scratch: Path):
+    """A SimpleITK displacement image on ``grid`` (ITK's convention: LPS mm, the displacement
+    from a fixed point to its moving point) as a :class:`~vitreg.field.DisplacementField`
+    (RAS mm) on ``grid`` (a :class:`~vitreg.image.Volume`), via an ITK flow file in ``scratch``."""
+    import SimpleITK as sitk
+
+    from vitreg.field import DisplacementField, check_same_grid, load_flow
+
+    path = scratch / "itk_field.nii.gz"
+    sitk.WriteImage(sitk.Cast(dense, sitk.sitkVectorFloat32), str(path))
+    field = load_flow(path)
+    check_same_grid(grid, field.grid)
+    return DisplacementField(disp_mm=field.disp_mm, grid=grid)
+
+
 def _itk_field_to_vitreg(transform, loaded, options: Options):
     """Dense pull field of a SimpleITK transform on the fixed grid, via an ITK flow file."""
     import SimpleITK as sitk
-
-    from vitreg.field import DisplacementField, load_flow
 
     reference = sitk.ReadImage(str(loaded.pair.fixed))
     dense = sitk.TransformToDisplacementField(
         transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(),
         reference.GetSpacing(), reference.GetDirection(),
     )  # fmt: skip
-    path = options.scratch / "itk_field.nii.gz"
-    sitk.WriteImage(sitk.Cast(dense, sitk.sitkVectorFloat32), str(path))
-    return DisplacementField(disp_mm=load_flow(path).disp_mm, grid=loaded.fixed)
+    return itk_displacement_to_field(dense, loaded.fixed, options.scratch)
 
 
 def _sitk_affine(fixed, moving):
@@ -151,6 +162,66 @@ def sitk_demons(loaded, options: Options):
     return _itk_field_to_vitreg(sitk.CompositeTransform([affine, deformable]), loaded, options)
 
 
+GREEDY_AFFINE = "-a -dof 12 -m WNCC 2x2x2 -ia-image-centers -n {iterations}"
+GREEDY_DEFORMABLE = "-m WNCC 2x2x2 -n {iterations} -s 1.732vox 0.7071vox -wp 0"
+
+
+def greedy_registration(
+    fixed, moving, threads: int, stationary_velocity: bool = False, iterations="100x50x10"
+):
+    """greedy's quick start, affine then deformable, through ``picsl_greedy.Greedy3D``.
+
+    ``fixed`` and ``moving`` are SimpleITK images (any grids). Runs
+    ``-a -dof 12 -m WNCC 2x2x2 -ia-image-centers -n 100x50x10``, then the deformable stage
+    started from that affine (``-it``) with ``-m WNCC 2x2x2 -n 100x50x10 -s 1.732vox 0.7071vox``
+    (plus ``-sv``, the stationary-velocity, diffeomorphic model, when
+    ``stationary_velocity``), both with ``-d 3 -threads {threads} -seed 1``, then composes the
+    two with greedy's reslicer (``-rf fixed -rc composed -r warp affine``).
+
+    Returns greedy's outputs by name: ``"affine"``, the affine stage's 4x4 matrix (numpy), which
+    (as greedy's ``.mat`` files) maps fixed RAS mm to moving RAS mm; ``"warp"``, the deformable
+    stage's displacement on the fixed grid, applied before the affine; ``"composed"``, the
+    whole pull field (``x -> affine(x + warp(x))``) on the fixed grid. Both fields are SimpleITK
+    displacement images in greedy's (ITK's) convention: LPS mm, fixed point -> moving point.
+    ``tests/test_compare.py`` checks these conventions against SimpleITK and greedy's own
+    reslicing. ``-wp 0`` keeps the warp at full precision: by default greedy
+    rounds it to 0.1 voxel, which would add steps to the Jacobian determinant. ``-seed 1``
+    fixes the random jitter and noise greedy adds (sums over 2 threads may still differ in
+    the last digits from run to run).
+    """
+    from picsl_greedy import Greedy3D
+
+    greedy = Greedy3D()
+    common = f"-d 3 -threads {threads} -seed 1 -i fixed moving"
+    sv = " -sv" if stationary_velocity else ""
+    commands = [
+        (f"{common} {GREEDY_AFFINE.format(iterations=iterations)} -o affine", {"affine": None}),
+        (
+            f"{common} -it affine {GREEDY_DEFORMABLE.format(iterations=iterations)}{sv} -o warp",
+            {"warp": None},
+        ),
+        (f"-d 3 -threads {threads} -rf fixed -rc composed -r warp affine", {"composed": None}),
+    ]
+    images = {"fixed": fixed, "moving": moving}  # names in the commands; outputs: None
+    for command, outputs in commands:  # greedy logs to the process's standard output
+        try:
+            greedy.execute(command, **images, **outputs)
+        except RuntimeError as error:
+            raise RuntimeError(f"greedy {command}: {error}") from error
+    return {name: greedy[name] for name in ("affine", "warp", "composed")}
+
+
+def greedy(loaded, options: Options, stationary_velocity: bool = False):
+    """greedy (``picsl_greedy``): WNCC affine then WNCC greedy deformable, composed (see
+    :func:`greedy_registration`); ``stationary_velocity`` adds ``-sv``."""
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(str(loaded.pair.fixed), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(loaded.pair.moving), sitk.sitkFloat32)
+    outputs = greedy_registration(fixed, moving, options.threads, stationary_velocity)
+    return itk_displacement_to_field(outputs["composed"], loaded.fixed, options.scratch)
+
+
 def _ants(loaded, options: Options, transform: str):
     import ants
 
@@ -165,6 +236,71 @@ def _ants(loaded, options: Options, transform: str):
     # antsApplyTransforms composes the whole transform list into one field on the fixed grid.
     composed = ants.apply_transforms(
         fixed, moving, result["fwdtransforms"], compose=str(options.scratch / "ants_composed_")
+    )
+    return DisplacementField(disp_mm=load_flow(composed).disp_mm, grid=loaded.fixed)
+
+
+def antsregistrationsyn_arguments(
+    fixed: str, moving: str, prefix: str, cc_radius: int = 4, syn_iterations: str = "100x70x50x20"
+) -> list[str]:
+    """``antsRegistration`` arguments of ANTs' ``antsRegistrationSyN.sh -t s`` (its defaults:
+    CC radius 4, double precision, no histogram matching, intensities winsorised at
+    0.5%/99.5%), with the CC radius and the SyN iterations as parameters.
+
+    Stages: centre-of-mass initialisation; ``Rigid[0.1]`` then ``Affine[0.1]``, each with
+    ``MI[fixed,moving,1,32,Regular,0.25]``, ``[1000x500x250x100,1e-6,10]`` at shrink factors
+    8x4x2x1 and smoothing 3x2x1x0 voxels; then ``SyN[0.1,3,0]`` with ``CC[fixed,moving,1,r]``,
+    ``[{syn_iterations},1e-6,10]`` at 8x4x2x1, 3x2x1x0 voxels (the script's choice for images
+    of at most 256 voxels a side). ``--random-seed 1`` fixes the MI sampling. Writes
+    ``{prefix}0GenericAffine.mat`` and ``{prefix}1Warp.nii.gz`` (and the inverse warp).
+    """
+    linear = [
+        "--metric", f"MI[{fixed},{moving},1,32,Regular,0.25]",
+        "--convergence", "[1000x500x250x100,1e-6,10]",
+        "--shrink-factors", "8x4x2x1",
+        "--smoothing-sigmas", "3x2x1x0vox",
+    ]  # fmt: skip
+    return [
+        "--dimensionality", "3", "--float", "0", "--random-seed", "1",
+        "--output", f"[{prefix}]", "--interpolation", "Linear",
+        "--use-histogram-matching", "0", "--winsorize-image-intensities", "[0.005,0.995]",
+        "--initial-moving-transform", f"[{fixed},{moving},1]",
+        "--transform", "Rigid[0.1]", *linear,
+        "--transform", "Affine[0.1]", *linear,
+        "--transform", "SyN[0.1,3,0]",
+        "--metric", f"CC[{fixed},{moving},1,{cc_radius}]",
+        "--convergence", f"[{syn_iterations},1e-6,10]",
+        "--shrink-factors", "8x4x2x1",
+        "--smoothing-sigmas", "3x2x1x0vox",
+    ]  # fmt: skip
+
+
+def ants_syn_cc(loaded, options: Options, cc_radius: int = 4, syn_iterations="100x70x50x20"):
+    """ANTs' ``antsRegistrationSyN.sh`` recipe (see :func:`antsregistrationsyn_arguments`) run
+    through antspyx's ``antsRegistration`` binding (``ants.registration`` given the argument
+    list), its transforms composed into one field on the fixed grid by ``antsApplyTransforms``.
+
+    The preset ``type_of_transform="antsRegistrationSyN[s]"`` of antspyx 0.6.3 is not this
+    recipe: it uses CC radius 2 (its ``[s,4]`` radius argument is overwritten), a SyN step of
+    0.2, single precision and no winsorising; ``"SyNCC"`` is another recipe (Mattes MI linear
+    stages, SyN[0.15,3,0] with CC radius 4 for up to 2100x1200x1200x20 iterations at shrink
+    4x3x2x1), far from a few minutes here.
+    """
+    import ants
+
+    from vitreg.field import DisplacementField, load_flow
+
+    fixed, moving = str(loaded.pair.fixed), str(loaded.pair.moving)
+    for path in (fixed, moving):
+        if any(character in path for character in ",[]"):
+            raise ValueError(f"{path}: antsRegistration's arguments cannot hold ',[]' in paths")
+    prefix = str(options.scratch / "antscc_")
+    ants.registration(
+        antsregistrationsyn_arguments(fixed, moving, prefix, cc_radius, syn_iterations), None
+    )
+    transforms = [f"{prefix}1Warp.nii.gz", f"{prefix}0GenericAffine.mat"]  # as fwdtransforms
+    composed = ants.apply_transforms(
+        ants.image_read(fixed), ants.image_read(moving), transforms, compose=f"{prefix}composed_"
     )
     return DisplacementField(disp_mm=load_flow(composed).disp_mm, grid=loaded.fixed)
 
@@ -189,6 +325,8 @@ METHODS: dict[str, Method] = {
         p, o, network=False, optimize=o.optimize, regularizer="bending"
     ),
     "affine (SimpleITK MI)": affine_only,
+    "greedy": greedy,
+    "greedy -sv": lambda pair, o: greedy(pair, o, stationary_velocity=True),
     "ANTs SyN": lambda pair, o: _ants(pair, o, "SyN"),
     "ANTs SyNCC": lambda pair, o: _ants(pair, o, "SyNCC"),
     "SimpleITK demons": sitk_demons,
@@ -209,10 +347,11 @@ def _worker_setup(threads: int) -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    try:
-        import ants  # noqa: F401
-    except ImportError:
-        pass
+    for module in ("ants", "picsl_greedy"):  # imported here, so no row's time counts them
+        try:
+            __import__(module)
+        except ImportError:
+            pass
 
 
 def run_one(method: str, pair, options: Options) -> dict:

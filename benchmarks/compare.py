@@ -1,13 +1,25 @@
-"""vitreg against affine-only, ANTs SyN and a SimpleITK baseline on the same pairs and metrics.
+"""vitreg against affine-only, greedy, ANTs and a SimpleITK baseline on the same pairs and metrics.
 
 Every method is a plain function ``(loaded pair, options) -> DisplacementField`` (the pull
 field on the fixed grid, RAS mm) in ``METHODS``; each (pair, method) runs in a fresh worker
-process, timed and with its peak memory measured by ``vitreg.evaluate.measure``, and is
-scored by ``vitreg.evaluate.field_metrics`` (Dice with nearest-neighbour label warping,
-det(J) <= 0 and SDlogJ in the mask, end-point error against the true flow, correlation).
-Writes ``RESULTS.md`` (one table per set: mean ± sd over its pairs) and a CSV of all rows.
+process with the same thread limit (``--threads``, default 2: torch, OpenMP, ITK, SimpleITK,
+ANTs and greedy's ``-threads``), timed and with its peak memory measured by
+``vitreg.evaluate.measure``, and is scored by ``vitreg.evaluate.field_metrics`` (Dice with
+nearest-neighbour label warping, det(J) <= 0 and SDlogJ in the mask, end-point error against
+the true flow, correlation). A row's time covers its whole registration, affine stage
+included, but not the imports (done by the worker first). Writes ``RESULTS.md`` (one table
+per set: mean ± sd over its pairs) and a CSV of all rows.
 
-Needs antspyx for the ANTs rows (``pip install -e .[bench]``). Example:
+The rows besides vitreg's: identity; SimpleITK Mattes-MI affine; greedy (picsl_greedy, its
+quick start: WNCC 2x2x2 affine, then WNCC greedy deformable 100x50x10, composed) and
+``greedy -sv`` (the same, stationary-velocity deformable stage); ANTs SyN with a CC metric
+(``antsRegistrationSyN.sh``'s stages and parameters but CC radius 2 and no full-resolution
+SyN level, ``100x70x50x0``: the recipe's radius 4 and ``100x70x50x20`` take over half an hour
+per brain at 2 threads here); ANTs ``SyN`` (antspyx preset, MI); SimpleITK MI affine +
+diffeomorphic demons. ``--syncc`` adds antspyx's ``SyNCC`` preset.
+
+Needs antspyx and picsl_greedy for the ANTs and greedy rows (``pip install -e .[bench]``).
+Example:
 
     python benchmarks/compare.py /tmp/vitreg-sets/pairs.csv --optimize 100 \\
         --out benchmarks/RESULTS.md --csv /tmp/vitreg-compare.csv
@@ -306,9 +318,11 @@ def ants_syn_cc(loaded, options: Options, cc_radius: int = 4, syn_iterations="10
 
 
 Method = Callable[[object, Options], object]
+ANTS_CC = "ANTs SyN CC radius 2 (antsRegistrationSyN recipe; SyN 100x70x50x0)"
 NEEDS_WEIGHTS = {"vitreg network", "vitreg network + optimisation"}
 METHODS: dict[str, Method] = {
     "identity (no registration)": identity,
+    "affine (SimpleITK MI)": affine_only,
     "vitreg network": lambda pair, o: _vitreg(pair, o, network=True, optimize=0),
     "vitreg network + optimisation": lambda p, o: _vitreg(p, o, network=True, optimize=o.optimize),
     "vitreg optimisation": lambda pair, o: _vitreg(pair, o, network=False, optimize=o.optimize),
@@ -324,13 +338,15 @@ METHODS: dict[str, Method] = {
     "vitreg optimisation --regularizer bending": lambda p, o: _vitreg(
         p, o, network=False, optimize=o.optimize, regularizer="bending"
     ),
-    "affine (SimpleITK MI)": affine_only,
     "greedy": greedy,
     "greedy -sv": lambda pair, o: greedy(pair, o, stationary_velocity=True),
+    ANTS_CC: lambda pair, o: ants_syn_cc(pair, o, cc_radius=2, syn_iterations="100x70x50x0"),
     "ANTs SyN": lambda pair, o: _ants(pair, o, "SyN"),
     "ANTs SyNCC": lambda pair, o: _ants(pair, o, "SyNCC"),
     "SimpleITK demons": sitk_demons,
 }
+# Every row but ANTs SyNCC (``--syncc``: hours per pair here), in METHODS' order: identity,
+# affine, the vitreg rows, greedy, greedy -sv, ANTs SyN CC, ANTs SyN, demons.
 DEFAULT_METHODS = [name for name in METHODS if name != "ANTs SyNCC"]
 
 

@@ -18,7 +18,12 @@ from vitreg.field import DisplacementField, warp_image, warp_labels_nearest, wit
 from vitreg.image import load_image
 from vitreg.metrics import dice_per_label
 
-picsl_greedy = pytest.importorskip("picsl_greedy")
+needs_greedy = pytest.mark.skipif(
+    importlib.util.find_spec("picsl_greedy") is None, reason="picsl_greedy is not installed"
+)
+needs_ants = pytest.mark.skipif(
+    importlib.util.find_spec("ants") is None, reason="antspyx is not installed"
+)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, its own inverse
@@ -59,7 +64,9 @@ def read(path: Path) -> sitk.Image:
 def greedy_reslice(fixed: Path, moving: Path, interpolation: str, *chain: Path) -> np.ndarray:
     """greedy's own reslicing of ``moving`` onto ``fixed`` through the transform files
     ``chain`` (``-r``, in greedy's order), as an (X, Y, Z) array."""
-    greedy = picsl_greedy.Greedy3D()
+    from picsl_greedy import Greedy3D
+
+    greedy = Greedy3D()
     transforms = " ".join(str(path) for path in chain)
     greedy.execute(
         f"-d 3 -rf {fixed} -ri {interpolation} -rm {moving} resliced -r {transforms}",
@@ -74,6 +81,7 @@ def write_matrix(path: Path, matrix: np.ndarray) -> Path:
     return path
 
 
+@needs_greedy
 def test_greedy_matrix_maps_fixed_ras_to_moving_ras(pair, tmp_path):
     """A given matrix resliced by greedy equals SimpleITK's resampling with that matrix read as
     fixed RAS -> moving RAS (flipped to ITK's LPS), and not with it read as LPS."""
@@ -101,6 +109,7 @@ def test_greedy_matrix_maps_fixed_ras_to_moving_ras(pair, tmp_path):
     assert correlation(simpleitk(LPS @ np.linalg.inv(matrix) @ LPS)) < 0.9  # moving -> fixed
 
 
+@needs_greedy
 @pytest.mark.parametrize("stationary_velocity", [False, True], ids=["greedy", "greedy-sv"])
 def test_greedy_field_reproduces_greedy_reslicing(compare, pair, tmp_path, stationary_velocity):
     """The composed field, read as a vitreg DisplacementField, warps the moving image and
@@ -139,6 +148,7 @@ def test_greedy_field_reproduces_greedy_reslicing(compare, pair, tmp_path, stati
     assert after > before + 0.1
 
 
+@needs_greedy
 def test_greedy_rows_return_the_pull_field_on_the_fixed_grid(compare, pair, tmp_path):
     """Both greedy rows of METHODS run on a loaded pair and return a field on its fixed grid."""
     loaded = load_pair(
@@ -151,3 +161,49 @@ def test_greedy_rows_return_the_pull_field_on_the_fixed_grid(compare, pair, tmp_
         assert field.grid is loaded.fixed
         warped = warp_labels_nearest(loaded.moving_labels, field)
         assert dice_per_label(loaded.fixed_labels.data, warped).mean > 0.6
+
+
+@needs_ants
+def test_ants_cc_field_reproduces_ants_own_warping(compare, pair, tmp_path):
+    """The ANTs CC row (few iterations here) runs the recipe's stages and returns the field
+    with which vitreg warps the moving image and labels as antsApplyTransforms does with
+    ANTs' own transforms; the registration improves the overlap."""
+    import ants
+
+    loaded = load_pair(
+        Pair(name="p", set="s", fixed=pair["fixed"], moving=pair["moving"],
+             fixed_labels=pair["fixed_labels"], moving_labels=pair["moving_labels"])
+    )  # fmt: skip
+    options = compare.Options(None, 0, 2, "cpu", tmp_path)
+    field = compare.ants_syn_cc(loaded, options, cc_radius=2, syn_iterations="20x10x5x0")
+    assert field.grid is loaded.fixed
+    transforms = [
+        str(tmp_path / "antscc_1Warp.nii.gz"),
+        str(tmp_path / "antscc_0GenericAffine.mat"),
+    ]
+    fixed_image = ants.image_read(str(pair["fixed"]))
+
+    theirs = ants.apply_transforms(fixed_image, ants.image_read(str(pair["moving"])), transforms)
+    mine = warp_image(loaded.moving, field)
+    assert np.corrcoef(mine.ravel(), theirs.numpy().ravel())[0, 1] > 0.9999
+
+    their_labels = ants.apply_transforms(
+        fixed_image, ants.image_read(str(pair["moving_labels"])), transforms,
+        interpolator="nearestNeighbor",
+    ).numpy()  # fmt: skip
+    my_labels = warp_labels_nearest(loaded.moving_labels, field)
+    assert (my_labels == their_labels).mean() > 0.995
+
+    identity = DisplacementField(torch.zeros_like(field.disp_mm), loaded.fixed)
+    fixed_labels = loaded.fixed_labels.data
+    before = dice_per_label(fixed_labels, warp_labels_nearest(loaded.moving_labels, identity))
+    assert dice_per_label(fixed_labels, my_labels).mean > before.mean + 0.1
+
+
+def test_default_rows_hold_the_anchors_and_fit_the_methods_option(compare):
+    """--methods splits on commas, so no name holds one; the default rows are known methods,
+    with the greedy and ANTs anchors, and leave out only SyNCC (hours per pair)."""
+    assert not [name for name in compare.METHODS if "," in name]
+    assert set(compare.DEFAULT_METHODS) == set(compare.METHODS) - {"ANTs SyNCC"}
+    for name in ("greedy", "greedy -sv", compare.ANTS_CC, "ANTs SyN", "SimpleITK demons"):
+        assert name in compare.DEFAULT_METHODS

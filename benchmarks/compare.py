@@ -14,9 +14,10 @@ The rows besides vitreg's: identity; SimpleITK Mattes-MI affine; greedy (picsl_g
 quick start: WNCC 2x2x2 affine, then WNCC greedy deformable 100x50x10, composed) and
 ``greedy -sv`` (the same, stationary-velocity deformable stage); ANTs SyN with a CC metric
 (``antsRegistrationSyN.sh``'s stages and parameters but CC radius 2 and no full-resolution
-SyN level, ``100x70x50x0``: the recipe's radius 4 and ``100x70x50x20`` take over half an hour
-per brain at 2 threads here); ANTs ``SyN`` (antspyx preset, MI); SimpleITK MI affine +
-diffeomorphic demons. ``--syncc`` adds antspyx's ``SyNCC`` preset.
+SyN level, ``100x70x50x0``: 510-570 s of CPU time per brain, about 6 minutes at 2 threads;
+the recipe's radius 4 and ``100x70x50x20`` would take about 45, extrapolated from its CPU
+time per iteration); ANTs ``SyN`` (antspyx preset, MI); SimpleITK MI affine + diffeomorphic
+demons. ``--syncc`` adds antspyx's ``SyNCC`` preset.
 
 Needs antspyx and picsl_greedy for the ANTs and greedy rows (``pip install -e .[bench]``).
 Example:
@@ -345,8 +346,9 @@ METHODS: dict[str, Method] = {
     "ANTs SyNCC": lambda pair, o: _ants(pair, o, "SyNCC"),
     "SimpleITK demons": sitk_demons,
 }
-# Every row but ANTs SyNCC (``--syncc``: hours per pair here), in METHODS' order: identity,
-# affine, the vitreg rows, greedy, greedy -sv, ANTs SyN CC, ANTs SyN, demons.
+# Every row but ANTs SyNCC (``--syncc``; CC radius 4 for up to 2100x1200x1200x20 iterations,
+# far slower than the CC row; not timed here), in METHODS' order: identity, affine, the vitreg
+# rows, greedy, greedy -sv, ANTs SyN CC, ANTs SyN, demons.
 DEFAULT_METHODS = [name for name in METHODS if name != "ANTs SyNCC"]
 
 

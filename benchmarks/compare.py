@@ -1,13 +1,26 @@
-"""vitreg against affine-only, ANTs SyN and a SimpleITK baseline on the same pairs and metrics.
+"""vitreg against affine-only, greedy, ANTs and a SimpleITK baseline on the same pairs and metrics.
 
 Every method is a plain function ``(loaded pair, options) -> DisplacementField`` (the pull
 field on the fixed grid, RAS mm) in ``METHODS``; each (pair, method) runs in a fresh worker
-process, timed and with its peak memory measured by ``vitreg.evaluate.measure``, and is
-scored by ``vitreg.evaluate.field_metrics`` (Dice with nearest-neighbour label warping,
-det(J) <= 0 and SDlogJ in the mask, end-point error against the true flow, correlation).
-Writes ``RESULTS.md`` (one table per set: mean ± sd over its pairs) and a CSV of all rows.
+process with the same thread limit (``--threads``, default 2: torch, OpenMP, ITK, SimpleITK,
+ANTs and greedy's ``-threads``), timed and with its peak memory measured by
+``vitreg.evaluate.measure``, and is scored by ``vitreg.evaluate.field_metrics`` (Dice with
+nearest-neighbour label warping, det(J) <= 0 and SDlogJ in the mask, end-point error against
+the true flow, correlation). A row's time covers its whole registration, affine stage
+included, but not the imports (done by the worker first). Writes ``RESULTS.md`` (one table
+per set: mean ± sd over its pairs) and a CSV of all rows.
 
-Needs antspyx for the ANTs rows (``pip install -e .[bench]``). Example:
+The rows besides vitreg's: identity; SimpleITK Mattes-MI affine; greedy (picsl_greedy, its
+quick start: WNCC 2x2x2 affine, then WNCC greedy deformable 100x50x10, composed) and
+``greedy -sv`` (the same, stationary-velocity deformable stage); ANTs SyN with a CC metric
+(``antsRegistrationSyN.sh``'s stages and parameters but CC radius 2 and no full-resolution
+SyN level, ``100x70x50x0``: 510-570 s of CPU time per brain, about 6 minutes at 2 threads;
+the recipe's radius 4 and ``100x70x50x20`` would take about 45, extrapolated from its CPU
+time per iteration); ANTs ``SyN`` (antspyx preset, MI); SimpleITK MI affine + diffeomorphic
+demons. ``--syncc`` adds antspyx's ``SyNCC`` preset.
+
+Needs antspyx and picsl_greedy for the ANTs and greedy rows (``pip install -e .[bench]``).
+Example:
 
     python benchmarks/compare.py /tmp/vitreg-sets/pairs.csv --optimize 100 \\
         --out benchmarks/RESULTS.md --csv /tmp/vitreg-compare.csv
@@ -69,20 +82,31 @@ def _vitreg(loaded, options: Options, network: bool, optimize: int, **register_o
     ).field
 
 
+def itk_displacement_to_field(dense, grid, scratch: Path):
+    """A SimpleITK displacement image on ``grid`` (ITK's convention: LPS mm, the displacement
+    from a fixed point to its moving point) as a :class:`~vitreg.field.DisplacementField`
+    (RAS mm) on ``grid`` (a :class:`~vitreg.image.Volume`), via an ITK flow file in ``scratch``."""
+    import SimpleITK as sitk
+
+    from vitreg.field import DisplacementField, check_same_grid, load_flow
+
+    path = scratch / "itk_field.nii.gz"
+    sitk.WriteImage(sitk.Cast(dense, sitk.sitkVectorFloat32), str(path))
+    field = load_flow(path)
+    check_same_grid(grid, field.grid)
+    return DisplacementField(disp_mm=field.disp_mm, grid=grid)
+
+
 def _itk_field_to_vitreg(transform, loaded, options: Options):
     """Dense pull field of a SimpleITK transform on the fixed grid, via an ITK flow file."""
     import SimpleITK as sitk
-
-    from vitreg.field import DisplacementField, load_flow
 
     reference = sitk.ReadImage(str(loaded.pair.fixed))
     dense = sitk.TransformToDisplacementField(
         transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(),
         reference.GetSpacing(), reference.GetDirection(),
     )  # fmt: skip
-    path = options.scratch / "itk_field.nii.gz"
-    sitk.WriteImage(sitk.Cast(dense, sitk.sitkVectorFloat32), str(path))
-    return DisplacementField(disp_mm=load_flow(path).disp_mm, grid=loaded.fixed)
+    return itk_displacement_to_field(dense, loaded.fixed, options.scratch)
 
 
 def _sitk_affine(fixed, moving):
@@ -151,6 +175,66 @@ def sitk_demons(loaded, options: Options):
     return _itk_field_to_vitreg(sitk.CompositeTransform([affine, deformable]), loaded, options)
 
 
+GREEDY_AFFINE = "-a -dof 12 -m WNCC 2x2x2 -ia-image-centers -n {iterations}"
+GREEDY_DEFORMABLE = "-m WNCC 2x2x2 -n {iterations} -s 1.732vox 0.7071vox -wp 0"
+
+
+def greedy_registration(
+    fixed, moving, threads: int, stationary_velocity: bool = False, iterations="100x50x10"
+):
+    """greedy's quick start, affine then deformable, through ``picsl_greedy.Greedy3D``.
+
+    ``fixed`` and ``moving`` are SimpleITK images (any grids). Runs
+    ``-a -dof 12 -m WNCC 2x2x2 -ia-image-centers -n 100x50x10``, then the deformable stage
+    started from that affine (``-it``) with ``-m WNCC 2x2x2 -n 100x50x10 -s 1.732vox 0.7071vox``
+    (plus ``-sv``, the stationary-velocity, diffeomorphic model, when
+    ``stationary_velocity``), both with ``-d 3 -threads {threads} -seed 1``, then composes the
+    two with greedy's reslicer (``-rf fixed -rc composed -r warp affine``).
+
+    Returns greedy's outputs by name: ``"affine"``, the affine stage's 4x4 matrix (numpy), which
+    (as greedy's ``.mat`` files) maps fixed RAS mm to moving RAS mm; ``"warp"``, the deformable
+    stage's displacement on the fixed grid, applied before the affine; ``"composed"``, the
+    whole pull field (``x -> affine(x + warp(x))``) on the fixed grid. Both fields are SimpleITK
+    displacement images in greedy's (ITK's) convention: LPS mm, fixed point -> moving point.
+    ``tests/test_compare.py`` checks these conventions against SimpleITK and greedy's own
+    reslicing. ``-wp 0`` keeps the warp at full precision: by default greedy
+    rounds it to 0.1 voxel, which would add steps to the Jacobian determinant. ``-seed 1``
+    fixes the random jitter and noise greedy adds (sums over 2 threads may still differ in
+    the last digits from run to run).
+    """
+    from picsl_greedy import Greedy3D
+
+    greedy = Greedy3D()
+    common = f"-d 3 -threads {threads} -seed 1 -i fixed moving"
+    sv = " -sv" if stationary_velocity else ""
+    commands = [
+        (f"{common} {GREEDY_AFFINE.format(iterations=iterations)} -o affine", {"affine": None}),
+        (
+            f"{common} -it affine {GREEDY_DEFORMABLE.format(iterations=iterations)}{sv} -o warp",
+            {"warp": None},
+        ),
+        (f"-d 3 -threads {threads} -rf fixed -rc composed -r warp affine", {"composed": None}),
+    ]
+    images = {"fixed": fixed, "moving": moving}  # names in the commands; outputs: None
+    for command, outputs in commands:  # greedy logs to the process's standard output
+        try:
+            greedy.execute(command, **images, **outputs)
+        except RuntimeError as error:
+            raise RuntimeError(f"greedy {command}: {error}") from error
+    return {name: greedy[name] for name in ("affine", "warp", "composed")}
+
+
+def greedy(loaded, options: Options, stationary_velocity: bool = False):
+    """greedy (``picsl_greedy``): WNCC affine then WNCC greedy deformable, composed (see
+    :func:`greedy_registration`); ``stationary_velocity`` adds ``-sv``."""
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(str(loaded.pair.fixed), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(loaded.pair.moving), sitk.sitkFloat32)
+    outputs = greedy_registration(fixed, moving, options.threads, stationary_velocity)
+    return itk_displacement_to_field(outputs["composed"], loaded.fixed, options.scratch)
+
+
 def _ants(loaded, options: Options, transform: str):
     import ants
 
@@ -169,10 +253,77 @@ def _ants(loaded, options: Options, transform: str):
     return DisplacementField(disp_mm=load_flow(composed).disp_mm, grid=loaded.fixed)
 
 
+def antsregistrationsyn_arguments(
+    fixed: str, moving: str, prefix: str, cc_radius: int = 4, syn_iterations: str = "100x70x50x20"
+) -> list[str]:
+    """``antsRegistration`` arguments of ANTs' ``antsRegistrationSyN.sh -t s`` (its defaults:
+    CC radius 4, double precision, no histogram matching, intensities winsorised at
+    0.5%/99.5%), with the CC radius and the SyN iterations as parameters.
+
+    Stages: centre-of-mass initialisation; ``Rigid[0.1]`` then ``Affine[0.1]``, each with
+    ``MI[fixed,moving,1,32,Regular,0.25]``, ``[1000x500x250x100,1e-6,10]`` at shrink factors
+    8x4x2x1 and smoothing 3x2x1x0 voxels; then ``SyN[0.1,3,0]`` with ``CC[fixed,moving,1,r]``,
+    ``[{syn_iterations},1e-6,10]`` at 8x4x2x1, 3x2x1x0 voxels (the script's choice for images
+    of at most 256 voxels a side). ``--random-seed 1`` fixes the MI sampling. Writes
+    ``{prefix}0GenericAffine.mat`` and ``{prefix}1Warp.nii.gz`` (and the inverse warp).
+    """
+    linear = [
+        "--metric", f"MI[{fixed},{moving},1,32,Regular,0.25]",
+        "--convergence", "[1000x500x250x100,1e-6,10]",
+        "--shrink-factors", "8x4x2x1",
+        "--smoothing-sigmas", "3x2x1x0vox",
+    ]  # fmt: skip
+    return [
+        "--dimensionality", "3", "--float", "0", "--random-seed", "1",
+        "--output", f"[{prefix}]", "--interpolation", "Linear",
+        "--use-histogram-matching", "0", "--winsorize-image-intensities", "[0.005,0.995]",
+        "--initial-moving-transform", f"[{fixed},{moving},1]",
+        "--transform", "Rigid[0.1]", *linear,
+        "--transform", "Affine[0.1]", *linear,
+        "--transform", "SyN[0.1,3,0]",
+        "--metric", f"CC[{fixed},{moving},1,{cc_radius}]",
+        "--convergence", f"[{syn_iterations},1e-6,10]",
+        "--shrink-factors", "8x4x2x1",
+        "--smoothing-sigmas", "3x2x1x0vox",
+    ]  # fmt: skip
+
+
+def ants_syn_cc(loaded, options: Options, cc_radius: int = 4, syn_iterations="100x70x50x20"):
+    """ANTs' ``antsRegistrationSyN.sh`` recipe (see :func:`antsregistrationsyn_arguments`) run
+    through antspyx's ``antsRegistration`` binding (``ants.registration`` given the argument
+    list), its transforms composed into one field on the fixed grid by ``antsApplyTransforms``.
+
+    The preset ``type_of_transform="antsRegistrationSyN[s]"`` of antspyx 0.6.3 is not this
+    recipe: it uses CC radius 2 (its ``[s,4]`` radius argument is overwritten), a SyN step of
+    0.2, single precision and no winsorising; ``"SyNCC"`` is another recipe (Mattes MI linear
+    stages, SyN[0.15,3,0] with CC radius 4 for up to 2100x1200x1200x20 iterations at shrink
+    4x3x2x1), far from a few minutes here.
+    """
+    import ants
+
+    from vitreg.field import DisplacementField, load_flow
+
+    fixed, moving = str(loaded.pair.fixed), str(loaded.pair.moving)
+    for path in (fixed, moving):
+        if any(character in path for character in ",[]"):
+            raise ValueError(f"{path}: antsRegistration's arguments cannot hold ',[]' in paths")
+    prefix = str(options.scratch / "antscc_")
+    ants.registration(
+        antsregistrationsyn_arguments(fixed, moving, prefix, cc_radius, syn_iterations), None
+    )
+    transforms = [f"{prefix}1Warp.nii.gz", f"{prefix}0GenericAffine.mat"]  # as fwdtransforms
+    composed = ants.apply_transforms(
+        ants.image_read(fixed), ants.image_read(moving), transforms, compose=f"{prefix}composed_"
+    )
+    return DisplacementField(disp_mm=load_flow(composed).disp_mm, grid=loaded.fixed)
+
+
 Method = Callable[[object, Options], object]
+ANTS_CC = "ANTs SyN CC radius 2 (antsRegistrationSyN recipe; SyN 100x70x50x0)"
 NEEDS_WEIGHTS = {"vitreg network", "vitreg network + optimisation"}
 METHODS: dict[str, Method] = {
     "identity (no registration)": identity,
+    "affine (SimpleITK MI)": affine_only,
     "vitreg network": lambda pair, o: _vitreg(pair, o, network=True, optimize=0),
     "vitreg network + optimisation": lambda p, o: _vitreg(p, o, network=True, optimize=o.optimize),
     "vitreg optimisation": lambda pair, o: _vitreg(pair, o, network=False, optimize=o.optimize),
@@ -188,11 +339,16 @@ METHODS: dict[str, Method] = {
     "vitreg optimisation --regularizer bending": lambda p, o: _vitreg(
         p, o, network=False, optimize=o.optimize, regularizer="bending"
     ),
-    "affine (SimpleITK MI)": affine_only,
+    "greedy": greedy,
+    "greedy -sv": lambda pair, o: greedy(pair, o, stationary_velocity=True),
+    ANTS_CC: lambda pair, o: ants_syn_cc(pair, o, cc_radius=2, syn_iterations="100x70x50x0"),
     "ANTs SyN": lambda pair, o: _ants(pair, o, "SyN"),
     "ANTs SyNCC": lambda pair, o: _ants(pair, o, "SyNCC"),
     "SimpleITK demons": sitk_demons,
 }
+# Every row but ANTs SyNCC (``--syncc``; CC radius 4 for up to 2100x1200x1200x20 iterations,
+# far slower than the CC row; not timed here), in METHODS' order: identity, affine, the vitreg
+# rows, greedy, greedy -sv, ANTs SyN CC, ANTs SyN, demons.
 DEFAULT_METHODS = [name for name in METHODS if name != "ANTs SyNCC"]
 
 
@@ -209,10 +365,11 @@ def _worker_setup(threads: int) -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    try:
-        import ants  # noqa: F401
-    except ImportError:
-        pass
+    for module in ("ants", "picsl_greedy"):  # imported here, so no row's time counts them
+        try:
+            __import__(module)
+        except ImportError:
+            pass
 
 
 def run_one(method: str, pair, options: Options) -> dict:

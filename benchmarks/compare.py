@@ -48,11 +48,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Options:
-    """What the methods may need: the vitreg checkpoint (None: no network rows), steps of
-    test-time optimisation, CPU threads, the device and a scratch folder."""
+    """What the methods may need: the vitreg checkpoint (None: no network rows), the total
+    iterations of vitreg's optimisation (None: its default schedule), CPU threads, the device
+    and a scratch folder."""
 
     weights: str | None
-    optimize: int
+    optimize: int | None
     threads: int
     device: str
     scratch: Path
@@ -61,7 +62,7 @@ class Options:
 # ---------------------------------------------------------------------------------- methods
 
 
-def _vitreg(loaded, options: Options, network: bool, optimize: int, **register_options):
+def _vitreg(loaded, options: Options, network: bool, optimize: int | None, **register_options):
     """vitreg's pull field; ``register_options`` go to ``register()`` (e.g. ``diffeo=True``)."""
     from vitreg.register import register
 
@@ -321,23 +322,23 @@ def ants_syn_cc(loaded, options: Options, cc_radius: int = 4, syn_iterations="10
 Method = Callable[[object, Options], object]
 ANTS_CC = "ANTs SyN CC radius 2 (antsRegistrationSyN recipe; SyN 100x70x50x0)"
 NEEDS_WEIGHTS = {"vitreg network", "vitreg network + optimisation"}
+VITREG_ADAM = "vitreg adam (the previous default: Adam, levels 4,2, 100 steps)"
 METHODS: dict[str, Method] = {
     "identity (no registration)": identity,
     "affine (SimpleITK MI)": affine_only,
     "vitreg network": lambda pair, o: _vitreg(pair, o, network=True, optimize=0),
     "vitreg network + optimisation": lambda p, o: _vitreg(p, o, network=True, optimize=o.optimize),
-    "vitreg optimisation": lambda pair, o: _vitreg(pair, o, network=False, optimize=o.optimize),
-    "vitreg optimisation --no-affine": lambda p, o: _vitreg(
+    "vitreg": lambda pair, o: _vitreg(pair, o, network=False, optimize=o.optimize),
+    "vitreg --diffeo": lambda p, o: _vitreg(p, o, network=False, optimize=o.optimize, diffeo=True),
+    VITREG_ADAM: lambda p, o: _vitreg(p, o, network=False, optimize=100, optimizer="adam"),
+    "vitreg --no-affine": lambda p, o: _vitreg(
         p, o, network=False, optimize=o.optimize, affine=False
     ),
-    "vitreg optimisation --diffeo": lambda p, o: _vitreg(
-        p, o, network=False, optimize=o.optimize, diffeo=True
+    "vitreg adam --similarity mi": lambda p, o: _vitreg(
+        p, o, network=False, optimize=100, optimizer="adam", similarity="mi"
     ),
-    "vitreg optimisation --similarity mi": lambda p, o: _vitreg(
-        p, o, network=False, optimize=o.optimize, similarity="mi"
-    ),
-    "vitreg optimisation --regularizer bending": lambda p, o: _vitreg(
-        p, o, network=False, optimize=o.optimize, regularizer="bending"
+    "vitreg adam --regularizer bending": lambda p, o: _vitreg(
+        p, o, network=False, optimize=100, optimizer="adam", regularizer="bending"
     ),
     "greedy": greedy,
     "greedy -sv": lambda pair, o: greedy(pair, o, stationary_velocity=True),
@@ -346,10 +347,17 @@ METHODS: dict[str, Method] = {
     "ANTs SyNCC": lambda pair, o: _ants(pair, o, "SyNCC"),
     "SimpleITK demons": sitk_demons,
 }
-# Every row but ANTs SyNCC (``--syncc``; CC radius 4 for up to 2100x1200x1200x20 iterations,
-# far slower than the CC row; not timed here), in METHODS' order: identity, affine, the vitreg
-# rows, greedy, greedy -sv, ANTs SyN CC, ANTs SyN, demons.
-DEFAULT_METHODS = [name for name in METHODS if name != "ANTs SyNCC"]
+# The rows of RESULTS.md, in METHODS' order: identity, affine, vitreg (its default), vitreg
+# --diffeo, the previous default (Adam), the network rows (with --weights), greedy, greedy -sv,
+# ANTs SyN CC, ANTs SyN, demons. Not by default: ANTs SyNCC (``--syncc``; CC radius 4 for up to
+# 2100x1200x1200x20 iterations, far slower than the CC row) and the other vitreg variants.
+OPTIONAL_METHODS = {
+    "ANTs SyNCC",
+    "vitreg --no-affine",
+    "vitreg adam --similarity mi",
+    "vitreg adam --regularizer bending",
+}
+DEFAULT_METHODS = [name for name in METHODS if name not in OPTIONAL_METHODS]
 
 
 # ---------------------------------------------------------------------------------- running
@@ -486,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pairs", type=Path, help="pairs.csv from make_sets.py")
     parser.add_argument("--weights", help="vitreg checkpoint; without it no network rows")
-    parser.add_argument("--optimize", type=int, default=100, help="vitreg optimisation steps")
+    parser.add_argument(
+        "--optimize", type=int, help="vitreg's total optimisation iterations (default: its own)"
+    )
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated")
     parser.add_argument("--syncc", action="store_true", help="also run ANTs SyNCC")
     parser.add_argument("--only", help="comma-separated pair names (default: all)")

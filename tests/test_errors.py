@@ -48,8 +48,9 @@ def test_the_command_line_reports_its_flags(tmp_path):
     base += ["-o", str(tmp_path / "w.nii.gz"), "--weights", "none"]
     cases = [
         (["--optimize", "-1"], "vitreg: error: --optimize -1: must be >= 0"),
-        (["--optimize", "5", "--dice-weight", "1"], "--dice-weight 1.0: needs --fixed-labels"),
-        (["--levels", "4,x"], "--levels 4,x: expected comma-separated integers"),
+        (["--optimizer", "adam", "--dice-weight", "1"], "--dice-weight 1.0: needs --fixed-labels"),
+        (["--levels", "4,x"], "--levels 4,x: expected integers separated by ',' or 'x'"),
+        (["--similarity", "mi"], "--similarity mi: applies to the other optimiser"),
         (["--no-affine", "--affine-out", "a.mat"], "--affine-out a.mat: needs --affine"),
     ]
     for extra, expected in cases:

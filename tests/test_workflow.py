@@ -77,6 +77,6 @@ def test_outputs_and_settings_are_checked_before_any_work(pairs_csv, tmp_path):
     with pytest.raises(OptionError, match="warped_labels"):
         register_pair(no_labels, OutputPaths(warped, warped_labels=tmp_path / "l.nii.gz"), "none")
     with pytest.raises(OptionError, match="dice_weight=1.0: needs labels"):
-        guided = RegisterSettings(optimize=2, dice_weight=1.0)
+        guided = RegisterSettings(optimizer="adam", optimize=2, dice_weight=1.0)
         register_pair(no_labels, OutputPaths(warped), "none", settings=guided)
     assert list(tmp_path.iterdir()) == []  # nothing was written

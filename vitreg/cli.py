@@ -7,6 +7,7 @@ example pair in ``examples/``); ``tests/test_cli.py`` runs them all, in order.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -121,7 +122,7 @@ WindowOption = Annotated[
 ]
 SigmaUpdateOption = Annotated[
     float | None,
-    typer.Option(help="--optimizer greedy: Gaussian sigma of each update, voxels (default 2.5)."),
+    typer.Option(help="--optimizer greedy: Gaussian sigma of each update, voxels (default 3.5)."),
 ]
 SigmaFieldOption = Annotated[
     float | None,
@@ -152,7 +153,7 @@ def _integers(text: str | None, option: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(item) for item in text.replace("x", ",").split(",") if item.strip())
+        return tuple(int(item) for item in re.split(r"[,x]", text))
     except ValueError:
         raise OptionError(option, text, "expected integers separated by ',' or 'x'") from None
 
@@ -162,12 +163,15 @@ def _given(**options: object) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _say_optimisation_alone(weights: str, quiet: bool) -> None:
-    """Say once, on stderr, that 'default' falls back to optimisation alone."""
+def _with_fallback_note(header: str, weights: str) -> str:
+    """``header``, and on a second line (printed once, when the first stage starts, after the
+    inputs were checked) that 'default' falls back to optimisation alone when no default
+    checkpoint is installed."""
     from vitreg.weights import DEFAULT_ALIAS, NO_DEFAULT_NOTE, default_installed
 
-    if weights == DEFAULT_ALIAS and not default_installed():
-        say(quiet, f"vitreg: {NO_DEFAULT_NOTE}")
+    if weights != DEFAULT_ALIAS or default_installed():
+        return header
+    return f"{header}\nvitreg: {NO_DEFAULT_NOTE}"
 
 
 def _change(before: float | None, after: float | None, digits: int) -> str:
@@ -241,11 +245,10 @@ def register(
             dice_weight=dice_weight,
             **_given(window=window, sigma_update=sigma_update, sigma_field=sigma_field),
         )
-        _say_optimisation_alone(weights, quiet)
         pair = Pair(0, moving.name, fixed, moving, fixed_labels, moving_labels)
         paths = OutputPaths(output, flow, flow_format, inverse_flow, affine_out, qc=qc)
         header = f"registering {moving} (moving) to {fixed} (fixed), weights {weights}"
-        with stage_progress(quiet, header) as progress:
+        with stage_progress(quiet, _with_fallback_note(header, weights)) as progress:
             result = register_pair(
                 pair, paths, weights, settings=settings, device=device, progress=progress,
                 offline=offline or None,
@@ -329,9 +332,8 @@ def register_batch(
             levels=_integers(levels, "levels"), smoothness=smoothness, affine=affine,
             diffeo=diffeo,
         )  # fmt: skip
-        _say_optimisation_alone(weights, quiet)
         header = f"registering the pairs of {pairs} (moving to fixed) into {out_dir}"
-        with stage_progress(quiet, header) as progress:
+        with stage_progress(quiet, _with_fallback_note(header, weights)) as progress:
 
             def show_failure(record: dict, error: VitregError | None) -> None:
                 if error is not None:
@@ -433,9 +435,8 @@ def evaluate(
             levels=_integers(levels, "levels"), smoothness=smoothness, affine=affine,
             diffeo=diffeo,
         )  # fmt: skip
-        _say_optimisation_alone(weights, quiet)
         header = f"evaluating the pairs of {pairs}, weights {weights}"
-        with stage_progress(quiet, header) as progress:
+        with stage_progress(quiet, _with_fallback_note(header, weights)) as progress:
             result = evaluate_csv(
                 pairs, out, weights, settings=settings, device=device, groups=groups,
                 progress=progress, offline=offline or None,

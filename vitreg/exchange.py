@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vitreg.affine import AFFINE_SUFFIXES, check_affine_path, load_affine, save_affine
-from vitreg.errors import VitregError
+from vitreg.errors import OptionError, VitregError
 from vitreg.field import FLOW_FORMATS, DisplacementField, load_flow, save_flow
 from vitreg.image import IMAGE_SUFFIXES, Volume, atomic_path, check_writable
 from vitreg.register import Registration, invert
@@ -232,7 +232,7 @@ def load_lta(path: str | Path) -> np.ndarray:
     if kind != "1":
         raise VitregError(
             f"{path}: LTA type {kind or '?'}; vitreg reads type 1 (LINEAR_RAS_TO_RAS) only "
-            "(convert with lta_convert --outlta ... --ltaras)"
+            "(FreeSurfer's lta_convert converts others to RAS-to-RAS)"
         )
     try:
         start = lines.index("1 4 4") + 1
@@ -299,7 +299,8 @@ def load_linear(item: TransformItem) -> np.ndarray:
     if path.name.endswith(".h5"):
         raise VitregError(
             f"{path}: ANTs composite (.h5) transforms are not read; list the affine (.mat) and "
-            "the warp (.nii.gz) instead (antsRegistration without --write-composite-transform)"
+            "the warp (.nii.gz) instead (antsRegistration writes them when it is not told to "
+            "write a composite transform)"
         )
     if path.name.endswith(".lta"):
         pull = np.linalg.inv(load_lta(path))
@@ -352,7 +353,9 @@ def field_from_transforms(
     x -> x + d(x), (1, 3, X, Y, Z) RAS mm, that vitreg's warp functions apply.
     """
     if flow_format not in ("auto", *FLOW_FORMATS):
-        raise VitregError(f"--flow-format {flow_format}: expected auto or one of {FLOW_FORMATS}")
+        raise OptionError(
+            "flow_format", flow_format, f"expected auto or one of {', '.join(FLOW_FORMATS)}"
+        )
     items = [t if isinstance(t, TransformItem) else TransformItem.parse(t) for t in transforms]
     if not items:
         raise VitregError("no transforms given")
@@ -371,7 +374,7 @@ def field_from_transforms(
         if not isinstance(steps[0], DisplacementField):
             raise VitregError(
                 f"{items[0].path}: the list starts with a linear transform, so the output grid "
-                "is not known; give a reference grid (--reference, e.g. the fixed image)"
+                "is not known; give a {reference} grid (e.g. the fixed image)"
             )
         reference = steps[0].grid
     # float32: 1e-5 mm at 200 mm from the origin, and half the memory of float64.

@@ -58,13 +58,18 @@ class GreedySchedule:
     level); ``step``, the longest update (voxels of each level); ``diffeo`` (a stationary
     velocity, integrated in ``integration_steps``); ``coarse_field``: at level 1 the field
     lives on a grid of half the resolution while the images are compared at full resolution.
+
+    The defaults were chosen on the benchmark's deformed sets (Colin27 and MNI152 under known
+    smooth deformations; ``benchmarks/README.md``): among sigma_update 1.732 / 2.5 / 3.5,
+    sigma_field 0.7071 / 1, 10 or 20 iterations at full resolution and ``coarse_field``,
+    these gave the highest mean Dice, with no folding, in 15 s on 2 CPU cores.
     """
 
     levels: tuple[int, ...] = (4, 2, 1)
-    iterations: tuple[int, ...] = (100, 50, 10)
+    iterations: tuple[int, ...] = (100, 30, 10)
     window: int = 5
-    sigma_update: float = 1.732
-    sigma_field: float = 0.7071
+    sigma_update: float = 3.5
+    sigma_field: float = 1.0
     step: float = 1.0
     diffeo: bool = False
     integration_steps: int = 6

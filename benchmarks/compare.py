@@ -322,7 +322,7 @@ def ants_syn_cc(loaded, options: Options, cc_radius: int = 4, syn_iterations="10
 Method = Callable[[object, Options], object]
 ANTS_CC = "ANTs SyN CC radius 2 (antsRegistrationSyN recipe; SyN 100x70x50x0)"
 NEEDS_WEIGHTS = {"vitreg network", "vitreg network + optimisation"}
-VITREG_ADAM = "vitreg adam (the previous default: Adam, levels 4,2, 100 steps)"
+VITREG_ADAM = "vitreg adam (the previous default: 100 Adam steps at levels 4 and 2)"
 METHODS: dict[str, Method] = {
     "identity (no registration)": identity,
     "affine (SimpleITK MI)": affine_only,

@@ -14,7 +14,7 @@
 #
 # Settings from the environment:
 #   VITREG        the command (default: vitreg; e.g. "python3 -m vitreg.cli")
-#   VITREG_OPTS   options for 'vitreg register' (default: --weights none --optimize 100)
+#   VITREG_OPTS   options for 'vitreg register' (default: none, vitreg's defaults)
 #
 # For a cohort, list the pairs in a CSV and run 'vitreg register-batch' (see the README).
 set -euo pipefail
@@ -28,7 +28,7 @@ fixed_subject=$1
 moving_subject=$2
 out=${3:-vitreg_${moving_subject}_to_${fixed_subject}}
 read -r -a vitreg <<< "${VITREG:-vitreg}"
-read -r -a options <<< "${VITREG_OPTS:---weights none --optimize 100}"
+read -r -a options <<< "${VITREG_OPTS:-}"
 fixed="$SUBJECTS_DIR/$fixed_subject/mri"
 moving="$SUBJECTS_DIR/$moving_subject/mri"
 mkdir -p "$out"

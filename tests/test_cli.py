@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shlex
@@ -382,3 +383,56 @@ def test_heads_that_do_not_overlap_exit_2_unless_affine_failure_is_allowed(tmp_p
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "warning" in result.output and out.exists()
+
+
+def test_bare_register_without_a_checkpoint_optimises_and_says_so_once(
+    pair, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("VITREG_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("VITREG_REGISTRY", raising=False)
+    args = ["register", pair / "fixed.nii.gz", pair / "moving.nii.gz", "-o", tmp_path / "w.nii.gz"]
+    result = invoke(*args, "--flow", tmp_path / "f.nii.gz", "--iterations", "4,2,0", "--json")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("no trained checkpoint is installed") == 1
+    report = json.loads(result.stdout)
+    assert report["network"] is False
+    assert report["optimisation"] == {"optimizer": "greedy", "levels": [4, 2, 1],
+                                      "iterations": [4, 2, 0]}  # fmt: skip
+    assert (tmp_path / "w.nii.gz").is_file() and (tmp_path / "f.nii.gz").is_file()
+    quiet = invoke(*args, "--iterations", "4,2,0", "-q")
+    assert quiet.exit_code == 0 and quiet.output.strip() == ""
+
+
+def test_bare_register_with_the_default_installed_runs_the_network_then_a_short_optimisation(
+    pair, tmp_path, monkeypatch, tiny_checkpoint
+):
+    from tests.conftest import TINY_CONFIG, TINY_FRAME
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(tiny_checkpoint, cache / "small.safetensors")
+    body = (cache / "small.safetensors").read_bytes()
+    entry = {
+        "description": "tiny", "urls": ["http://127.0.0.1:9/never-downloaded"],
+        "sha256": hashlib.sha256(body).hexdigest(), "size": len(body), "licence": "test",
+        "config": TINY_CONFIG.to_dict(), "frame": TINY_FRAME.to_dict(),
+    }  # fmt: skip
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"default": "small", "checkpoints": {"small": entry}}))
+    monkeypatch.setenv("VITREG_HOME", str(cache))
+    monkeypatch.setenv("VITREG_REGISTRY", str(registry))
+    result = invoke(
+        "register", pair / "fixed.nii.gz", pair / "moving.nii.gz", "-o", tmp_path / "w.nii.gz",
+        "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "no trained checkpoint" not in result.stderr
+    report = json.loads(result.stdout)
+    assert report["network"] is True
+    assert report["optimisation"] == {"optimizer": "greedy", "levels": [2, 1],
+                                      "iterations": [20, 5]}  # fmt: skip
+    network_only = invoke(
+        "register", pair / "fixed.nii.gz", pair / "moving.nii.gz", "-o", tmp_path / "n.nii.gz",
+        "--optimize", "0", "--json",
+    )  # fmt: skip
+    assert json.loads(network_only.stdout)["optimisation"] == {}

@@ -174,6 +174,17 @@ def _with_fallback_note(header: str, weights: str) -> str:
     return f"{header}\nvitreg: {NO_DEFAULT_NOTE}"
 
 
+def _method_text(registration) -> str:
+    """'network + greedy (levels 2,1; iterations 20,5)' and the like."""
+    parts = ["network"] if registration.network else []
+    plan = registration.optimisation
+    if plan:
+        levels = ",".join(str(n) for n in plan["levels"])
+        iterations = ",".join(str(n) for n in plan["iterations"])
+        parts.append(f"{plan['optimizer']} (levels {levels}; iterations {iterations})")
+    return " + ".join(parts) or "affine only"
+
+
 def _change(before: float | None, after: float | None, digits: int) -> str:
     return "-" if before is None else f"{before:.{digits}f} → {after:.{digits}f}"
 
@@ -270,9 +281,12 @@ def _show_registration(result, paths, weights: str, settings, as_json: bool, qui
         **summary,
         "affine_ras": result.registration.affine_ras.round(6).tolist(),
         "affine_stages": list(result.registration.affine_stages),
+        "network": result.registration.network,
+        "optimisation": result.registration.optimisation,
         "settings": settings.to_dict(),
     }
     rows = [(f"wrote {name}", path) for name, path in outputs.items()]
+    rows.append(("method", _method_text(result.registration)))
     rows.append(("NCC", _change(summary["ncc_before"], summary["ncc_after"], 3)))
     rows.append(("Dice", _change(summary.get("dice_before"), summary.get("dice_after"), 3)))
     rows.append(("% folding (det J ≤ 0)", f"{summary['percent_nonpositive']:.4f}"))

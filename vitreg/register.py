@@ -66,6 +66,8 @@ class Registration:
     ``velocity_vox``: the stationary velocity whose exponential is ``flow_vox`` (diffeomorphic
     mode), else None. ``ncc_before`` and ``ncc_after``: mean local (9^3) squared NCC of the
     framed pair (after the affine), without and with ``u``. ``warnings``: for the user.
+    ``network``: whether a network predicted ``u`` first; ``optimisation``: what refined it
+    (``optimizer``, ``levels``, ``iterations``; empty when nothing did).
     """
 
     warped: np.ndarray
@@ -81,6 +83,8 @@ class Registration:
     integration_steps: int = 7
     affine_stages: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    network: bool = False
+    optimisation: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -460,7 +464,16 @@ def finish_registration(
         integration_steps=settings.integration_steps,
         affine_stages=pair.stages,
         warnings=pair.warnings,
+        network=network,
+        optimisation=_optimisation_record(settings.optimizer, levels, iterations),
     )
+
+
+def _optimisation_record(optimizer: str, levels: Sequence[int], iterations: Sequence[int]) -> dict:
+    """What refined the field, for the record (empty when no iteration ran)."""
+    if sum(iterations) == 0:
+        return {}
+    return {"optimizer": optimizer, "levels": list(levels), "iterations": list(iterations)}
 
 
 def register(

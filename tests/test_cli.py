@@ -385,9 +385,7 @@ def test_heads_that_do_not_overlap_exit_2_unless_affine_failure_is_allowed(tmp_p
     assert "warning" in result.output and out.exists()
 
 
-def test_bare_register_without_a_checkpoint_optimises_and_says_so_once(
-    pair, tmp_path, monkeypatch
-):
+def test_bare_register_without_a_checkpoint_optimises_and_says_so_once(pair, tmp_path, monkeypatch):
     monkeypatch.setenv("VITREG_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("VITREG_REGISTRY", raising=False)
     args = ["register", pair / "fixed.nii.gz", pair / "moving.nii.gz", "-o", tmp_path / "w.nii.gz"]

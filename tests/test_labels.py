@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vitreg.errors import VitregError
-from vitreg.labels import FREESURFER_ASEG, parse_label_list, read_lut, structure_group
+from vitreg.labels import FREESURFER_ASEG, read_lut, structure_group
 
 FREESURFER6_NAMES = Path(__file__).parent / "data" / "freesurfer6-aseg-names.csv"
 # FreeSurfer 7 renamed these; everything else kept its FreeSurfer 6 name.
@@ -88,10 +88,3 @@ def test_bad_lut_files_name_the_file_and_line(tmp_path):
     path.write_text("17\n")
     with pytest.raises(VitregError, match=r"lut\.txt:1:"):
         read_lut(path)
-
-
-def test_label_lists_parse_or_name_the_bad_option():
-    assert parse_label_list("2, 3,41,") == [2, 3, 41]
-    assert parse_label_list("") == []
-    with pytest.raises(VitregError, match=r"--labels '2,x': expected comma-separated integers"):
-        parse_label_list("2,x")

@@ -21,6 +21,7 @@ from vitreg.console import (
     QuietOption,
     error_text,
     say,
+    show_error,
     show_result,
     show_table,
     stage_progress,
@@ -83,6 +84,14 @@ ReferenceOption = Annotated[
     Path | None, typer.Option(help="Fixed image: its header is copied (same grid).")
 ]
 FlowArgument = Annotated[Path, typer.Argument(help="Flow written by 'vitreg register'.")]
+FlowInFormatOption = Annotated[
+    str,
+    typer.Option(
+        "--flow-format",
+        help="How FLOW is stored: auto (5D: itk, 4D: voxel), itk (ANTs/SimpleITK, LPS mm), "
+        "voxel (voxels of its grid) or freesurfer (RAS mm, as mri_synthmorph writes).",
+    ),
+]
 
 
 # register's own options
@@ -323,7 +332,10 @@ def register_batch(
     [bold]Example:[/bold] vitreg register-batch examples/pairs.csv --out-dir results
     --iterations 10,5,0
     """
-    with user_errors():
+    resumes = (
+        f"the pairs finished are recorded in {out_dir / 'summary.csv'}; the same command resumes"
+    )
+    with user_errors(interrupted=resumes):
         from vitreg.batch import register_batch as run_batch
         from vitreg.register import RegisterSettings
 
@@ -337,7 +349,7 @@ def register_batch(
 
             def show_failure(record: dict, error: VitregError | None) -> None:
                 if error is not None:
-                    say(quiet, f"[red]failed:[/] {pairs}:{record['row']}: {error_text(error)}")
+                    show_error(f"{pairs}:{record['row']}: {error_text(error)}")
 
             result = run_batch(
                 pairs, out_dir, weights, settings=settings, device=device, qc=qc,
@@ -487,6 +499,7 @@ def warp(
     flow: FlowArgument,
     output: Annotated[Path, typer.Option("-o", "--output", help="Warped image.")],
     reference: ReferenceOption = None,
+    flow_format: FlowInFormatOption = "auto",
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
@@ -499,7 +512,7 @@ def warp(
     with user_errors():
         from vitreg.field import warp_image_file
 
-        path = warp_image_file(image, flow, output, reference, device)
+        path = warp_image_file(image, flow, output, reference, device, flow_format)
         data = {"image": str(image), "flow": str(flow), "warped": str(path)}
         show_result("vitreg warp", [("wrote", str(path))], data, as_json, quiet)
 
@@ -513,6 +526,7 @@ def warp_labels(
         str, typer.Option(help="nearest, or linear (one-hot trilinear then argmax).")
     ] = "nearest",
     reference: ReferenceOption = None,
+    flow_format: FlowInFormatOption = "auto",
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
@@ -525,7 +539,7 @@ def warp_labels(
     with user_errors():
         from vitreg.field import warp_labels_file
 
-        path = warp_labels_file(labels, flow, output, method, reference, device)
+        path = warp_labels_file(labels, flow, output, method, reference, device, flow_format)
         data = {"labels": str(labels), "flow": str(flow), "warped": str(path), "method": method}
         show_result("vitreg warp-labels", [("wrote", str(path))], data, as_json, quiet)
 
@@ -535,6 +549,7 @@ def jacobian(
     flow: FlowArgument,
     output: Annotated[Path, typer.Option("-o", "--output", help="Jacobian determinant map.")],
     mask: Annotated[Path | None, typer.Option(help="Only count voxels inside this mask.")] = None,
+    flow_format: FlowInFormatOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -546,7 +561,7 @@ def jacobian(
     with user_errors():
         from vitreg.assess import jacobian_file
 
-        summary = jacobian_file(flow, output, mask)
+        summary = jacobian_file(flow, output, mask, flow_format)
         rows = [(key, str(value)) for key, value in summary.items()]
         show_result("vitreg jacobian", rows, summary, as_json, quiet)
 

@@ -60,15 +60,31 @@ def flag_spelling(name: str, value: object = NO_VALUE) -> str:
     return f"{flag} {value}"
 
 
+INTERRUPTED_EXIT_CODE = 130
+"""A command stopped by Ctrl-C (SIGINT) exits as shells report a process SIGINT ended."""
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a VitregError into one line ``vitreg: error: ...`` on stderr and exit code 2."""
+def user_errors(interrupted: str = "nothing was written") -> Iterator[None]:
+    """Turn a VitregError into one line ``vitreg: error: ...`` on stderr and exit code 2, and
+    Ctrl-C into one line ``vitreg: interrupted; INTERRUPTED`` and exit code 130.
+
+    Files are written whole or not at all (:func:`vitreg.files.atomic_path`), so an
+    interruption leaves what ``interrupted`` says.
+    """
     try:
         yield
     except VitregError as error:
-        message = error_text(error)
-        stderr.print(f"[bold red]vitreg: error:[/] {message}", highlight=False, soft_wrap=True)
+        show_error(error_text(error))
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+    except KeyboardInterrupt:
+        stderr.print(f"[red]vitreg: interrupted;[/] {interrupted}", highlight=False)
+        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+
+
+def show_error(message: str) -> None:
+    """``vitreg: error: MESSAGE`` on stderr (also with --quiet: an error is not a message)."""
+    stderr.print(f"[bold red]vitreg: error:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def error_text(error: VitregError) -> str:

@@ -217,12 +217,14 @@ def warp_image_file(
     output: str | Path,
     reference: str | Path | None = None,
     device: str = "auto",
+    flow_format: str = "auto",
 ) -> Path:
     """``vitreg warp``: warp an image file (any grid) with a saved flow onto the flow's grid
-    (trilinear), written as float32 with ``reference``'s header (an image on that grid)."""
+    (trilinear), written as float32 with ``reference``'s header (an image on that grid).
+    ``flow_format``: how the flow is stored (see :func:`load_flow`)."""
     torch_device = choose_device(device)
     check_writable(output)
-    field = load_flow(flow, reference=reference)
+    field = load_flow(flow, flow_format, reference=reference)
     warped = warp_image(load_image(image), field, torch_device)
     return save(output, warped.astype("float32"), field.grid)
 
@@ -237,14 +239,16 @@ def warp_labels_file(
     method: str = "nearest",
     reference: str | Path | None = None,
     device: str = "auto",
+    flow_format: str = "auto",
 ) -> Path:
     """``vitreg warp-labels``: warp a label map file with a saved flow, keeping its values and
-    integer type; ``method`` 'nearest' or 'linear' (one-hot trilinear, then argmax)."""
+    integer type; ``method`` 'nearest' or 'linear' (one-hot trilinear, then argmax);
+    ``flow_format``: how the flow is stored (see :func:`load_flow`)."""
     if method not in LABEL_METHODS:
         raise OptionError("method", method, f"expected {' or '.join(LABEL_METHODS)}")
     torch_device = choose_device(device)
     check_writable(output)
-    field = load_flow(flow, reference=reference)
+    field = load_flow(flow, flow_format, reference=reference)
     source = load_labels(labels)
     warp = warp_labels_linear if method == "linear" else warp_labels_nearest
     warped = warp(source, field, torch_device)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +42,116 @@ class Volume:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
+MAX_VOXELS = 2**31
+"""The most array elements an image may hold: past 2^31, 32-bit indexing in resampling
+kernels overflows."""
+MEMORY_SHARE = 4
+"""An image is refused when its float32 array alone would take more than 1/MEMORY_SHARE of
+the machine's memory: registering it needs many arrays of that size."""
+
+
+def _physical_memory() -> int | None:
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gib(count: float) -> str:
+    return f"{count / 2**30:,.1f} GiB"
+
+
+def _check_size(path: Path, shape: tuple[int, ...]) -> None:
+    """VitregError when the header's shape is too large to read (before any data is read)."""
+    elements = math.prod(int(n) for n in shape)
+    memory = _physical_memory()
+    if elements > MAX_VOXELS:
+        limit = f"more than the {MAX_VOXELS:,} values vitreg handles"
+    elif memory is not None and 4 * elements > memory // MEMORY_SHARE:
+        limit = f"more than 1/{MEMORY_SHARE} of this machine's {_gib(memory)} memory"
+    else:
+        return
+    raise VitregError(
+        f"{path}: shape {tuple(int(n) for n in shape)} is too large: as float32 it would take "
+        f"{_gib(4 * elements)}, {limit}"
+    )
+
+
+def _raw_nifti_header(path: Path, image: nib.spatialimages.SpatialImage) -> nib.Nifti1Header:
+    """The file's NIfTI header as written, before nibabel's repairs (which would set a zero
+    voxel size to 1 and a negative one to its absolute value)."""
+    with nib.openers.ImageOpener(str(path)) as handle:
+        return type(image.header).from_fileobj(handle, check=False)
+
+
+def _check_header(path: Path, image: nib.spatialimages.SpatialImage) -> None:
+    """VitregError for a header that cannot place the voxels in the world: a voxel size
+    (NIfTI pixdim) that is zero, negative or NaN, or an affine that holds NaN/Inf or is
+    singular; and for data that is not real scalars (complex, RGB)."""
+    if isinstance(image, nib.Nifti1Image):  # NIfTI-2 too
+        header = _raw_nifti_header(path, image)
+        spatial = min(3, len(image.shape))
+        pixdim = [float(v) for v in header["pixdim"][1 : spatial + 1]]
+        if not all(math.isfinite(v) and v > 0 for v in pixdim):
+            raise VitregError(
+                f"{path}: broken header: voxel size (pixdim) {tuple(pixdim)} must be positive"
+            )
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise VitregError(f"{path}: broken header: the voxel-to-world affine holds NaN or Inf")
+    singular_values = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if singular_values.min() <= 1e-6 * singular_values.max():
+        lengths = tuple(round(float(n), 6) for n in np.linalg.norm(affine[:3, :3], axis=0))
+        raise VitregError(
+            f"{path}: broken header: the voxel-to-world affine is singular "
+            f"(voxel axes {lengths} mm long, or parallel)"
+        )
+    dtype = np.dtype(image.get_data_dtype())
+    if dtype.kind not in "biuf":
+        kind = "complex" if dtype.kind == "c" else "RGB" if dtype.names else str(dtype)
+        raise VitregError(
+            f"{path}: data type {kind} ({dtype.str}); vitreg reads real-valued scalar images"
+        )
+
+
 def _open(path: Path) -> nib.spatialimages.SpatialImage:
+    """The image with its header checked and its size within limits; no data read yet.
+
+    The checks run in this order: the file exists, is a file and is not empty; nibabel reads
+    its header; the header places the voxels (pixdim, affine) and holds real scalars; the
+    shape is not too large (:func:`_check_size`). A header that claims a huge shape is thus
+    refused for its size before a missing or truncated data part could be noticed.
+    """
     if not path.exists():
         raise VitregError(f"{path}: no such file")
     if path.is_dir():
         raise VitregError(f"{path}: is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise VitregError(f"{path}: empty file (0 bytes)")
     try:
-        return nib.load(str(path))
+        with nib.imageglobals.LoggingOutputSuppressor():  # no repair notes on stderr
+            image = nib.load(str(path))
+        _check_header(path, image)
+    except VitregError:
+        raise
     except Exception as error:  # nibabel raises many types for unreadable files
-        raise VitregError(f"{path}: not a readable NIfTI/MGZ image ({error})") from None
+        raise VitregError(f"{path}: not a readable NIfTI/MGZ image ({_one_line(error)})") from None
+    _check_size(path, tuple(image.shape))
+    return image
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _read_data(path: Path, read: Callable[[], np.ndarray]) -> np.ndarray:
+    """``read()`` (which reads the image's data), with a truncated or corrupt data part
+    (gzip or zlib errors, a short file) turned into a VitregError naming the file."""
+    try:
+        return read()
+    except (EOFError, OSError, ValueError, zlib.error) as error:
+        raise VitregError(f"{path}: truncated or corrupt image data ({_one_line(error)})") from None
 
 
 def _check_3d_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -88,7 +192,8 @@ def load_image(path: str | Path) -> Volume:
     """
     path = Path(path)
     image = _open(path)
-    data = _squeeze_to_3d(path, np.asarray(image.get_fdata(dtype=np.float32)))
+    data = _read_data(path, lambda: np.asarray(image.get_fdata(dtype=np.float32)))
+    data = _squeeze_to_3d(path, data)
     if min(data.shape) < 2:
         raise VitregError(f"{path}: shape {data.shape} is not a 3D volume (an axis of size 1)")
     finite = np.isfinite(data)
@@ -103,7 +208,7 @@ def load_labels(path: str | Path) -> Volume:
     """Read an integer label map (X, Y, Z) as int64; non-integer values are a user error."""
     path = Path(path)
     image = _open(path)
-    raw = _squeeze_to_3d(path, np.asanyarray(image.dataobj))
+    raw = _squeeze_to_3d(path, _read_data(path, lambda: np.asarray(image.dataobj)))
     if np.issubdtype(raw.dtype, np.integer):
         data = raw.astype(np.int64)
     else:
@@ -128,7 +233,7 @@ def load_raw(path: str | Path) -> tuple[np.ndarray, np.ndarray, nib.spatialimage
     path = Path(path)
     image = _open(path)
     return (
-        np.asarray(image.get_fdata(dtype=np.float32)),
+        _read_data(path, lambda: np.asarray(image.get_fdata(dtype=np.float32))),
         image.affine.astype(np.float64),
         image.header,
     )

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -78,13 +79,13 @@ def user_errors(interrupted: str = "nothing was written") -> Iterator[None]:
         show_error(error_text(error))
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
     except KeyboardInterrupt:
-        stderr.print(f"[red]vitreg: interrupted;[/] {interrupted}", highlight=False)
+        stderr.print(f"[red]vitreg: interrupted;[/] {escape(interrupted)}", highlight=False)
         raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
 
 def show_error(message: str) -> None:
     """``vitreg: error: MESSAGE`` on stderr (also with --quiet: an error is not a message)."""
-    stderr.print(f"[bold red]vitreg: error:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]vitreg: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def error_text(error: VitregError) -> str:

@@ -77,6 +77,21 @@ def remove_stale_temporaries(target: str | Path) -> list[Path]:
     return stale
 
 
+def check_folder_writable(folder: str | Path, target: str | Path) -> None:
+    """VitregError unless a file can be created in ``folder`` (for ``target``, which the
+    message names): a probe file is created and removed, so a read-only file system, a full
+    inode table or a permission the process lacks (even as root, over NFS) shows now, before
+    long work, with the system's reason."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=".vitreg-probe.", dir=folder)
+    except OSError as error:
+        raise VitregError(
+            f"{target}: output directory {folder} is not writable ({error.strerror})"
+        ) from None
+    os.close(handle)
+    os.unlink(name)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (newlines as given); its folder must exist."""
     path = Path(path)

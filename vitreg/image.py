@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import zlib
@@ -13,7 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from vitreg.errors import VitregError
-from vitreg.files import atomic_path
+from vitreg.files import atomic_path, check_folder_writable
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 
@@ -48,6 +49,10 @@ kernels overflows."""
 MEMORY_SHARE = 4
 """An image is refused when its float32 array alone would take more than 1/MEMORY_SHARE of
 the machine's memory: registering it needs many arrays of that size."""
+
+
+CORRUPT_DATA = (EOFError, zlib.error, gzip.BadGzipFile)
+"""What reading a truncated or garbled (compressed) file raises."""
 
 
 def _physical_memory() -> int | None:
@@ -94,8 +99,9 @@ def _check_header(path: Path, image: nib.spatialimages.SpatialImage) -> None:
         spatial = min(3, len(image.shape))
         pixdim = [float(v) for v in header["pixdim"][1 : spatial + 1]]
         if not all(math.isfinite(v) and v > 0 for v in pixdim):
+            sizes = ", ".join(f"{v:g}" for v in pixdim)
             raise VitregError(
-                f"{path}: broken header: voxel size (pixdim) {tuple(pixdim)} must be positive"
+                f"{path}: broken header: voxel size (pixdim) ({sizes}) must be positive"
             )
     affine = np.asarray(image.affine, dtype=np.float64)
     if not np.isfinite(affine).all():
@@ -135,6 +141,8 @@ def _open(path: Path) -> nib.spatialimages.SpatialImage:
         _check_header(path, image)
     except VitregError:
         raise
+    except CORRUPT_DATA as error:  # MGZ: nibabel reads the footer after the data
+        raise VitregError(f"{path}: truncated or corrupt file ({_one_line(error)})") from None
     except Exception as error:  # nibabel raises many types for unreadable files
         raise VitregError(f"{path}: not a readable NIfTI/MGZ image ({_one_line(error)})") from None
     _check_size(path, tuple(image.shape))
@@ -147,11 +155,30 @@ def _one_line(error: BaseException) -> str:
 
 def _read_data(path: Path, read: Callable[[], np.ndarray]) -> np.ndarray:
     """``read()`` (which reads the image's data), with a truncated or corrupt data part
-    (gzip or zlib errors, a short file) turned into a VitregError naming the file."""
+    (gzip or zlib errors, a short file, a gzip checksum that does not match) turned into a
+    VitregError naming the file."""
     try:
-        return read()
-    except (EOFError, OSError, ValueError, zlib.error) as error:
+        data = read()
+        _check_gzip_checksum(path)
+    except (*CORRUPT_DATA, OSError, ValueError) as error:  # a short .nii: OSError or ValueError
         raise VitregError(f"{path}: truncated or corrupt image data ({_one_line(error)})") from None
+    return data
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+GZIP_CHUNK = 1 << 24
+
+
+def _check_gzip_checksum(path: Path) -> None:
+    """Decompress a gzip file (.nii.gz, .mgz) to its end, where Python checks the CRC-32 and
+    length that gzip stores: nibabel stops after the data it needs, so a garbled stream could
+    otherwise give wrong voxels silently. Raises gzip.BadGzipFile, zlib.error or EOFError."""
+    with open(path, "rb") as raw:
+        if raw.read(2) != GZIP_MAGIC:
+            return
+    with gzip.open(path, "rb") as stream:
+        while stream.read(GZIP_CHUNK):
+            pass
 
 
 def _check_3d_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -250,10 +277,9 @@ def check_writable(path: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise VitregError(f"{path}: output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise VitregError(f"{path}: output directory {directory} is not writable")
     if path.is_dir():
         raise VitregError(f"{path}: is a directory")
+    check_folder_writable(directory, path)
     return path
 
 

@@ -392,10 +392,10 @@ def test_each_bad_input_is_one_error_line_and_leaves_no_output(
     print(f"{case_id}: {line}")  # the table of error lines: pytest -s -k each_bad_input
 
 
-def test_warp_labels_linear_streams_2000_labels_in_bounded_memory(study, tmp_path):
+def test_warp_labels_linear_takes_2000_labels_in_bounded_memory(study, tmp_path):
     """2,000 labels on a 32^3 grid: a one-hot array would take 2000 x 32^3 x 4 bytes = 250
-    MiB; streamed one label at a time the peak grows by a few MiB. Measured in a fresh
-    process (peak resident memory) after a warm-up warp of 2 labels."""
+    MiB; the warp grows the peak by a few MiB. Measured in a fresh process (peak resident
+    memory) after a warm-up warp of 2 labels."""
     shape = (32, 32, 32)
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
     labels = np.random.default_rng(0).permutation(np.arange(shape[0] * shape[1] * shape[2]))

@@ -3,8 +3,8 @@
 Each case of the table exits with code 2 (1: a batch with a failed row) after exactly one
 line ``vitreg: error: FILE: PROBLEM`` (never a traceback) and leaves nothing at the output
 path. Interruptions run the command line as a real process: Ctrl-C (SIGINT) exits 130 and
-leaves no partial output; a batch killed with SIGKILL mid-pair is resumed by a rerun that
-redoes only the unfinished pairs; a second batch on the same folder stops at once.
+SIGTERM 143, leaving no partial output; a batch killed with SIGKILL mid-pair is resumed by a
+rerun that redoes only the unfinished pairs; a second batch on the same folder stops at once.
 
 Elsewhere: a training run killed with SIGKILL mid-epoch and resumed bit-exact
 (tests/test_train.py::test_kill_9_mid_epoch_then_resume_continues_the_same_schedule); two
@@ -464,7 +464,10 @@ def hidden_files(folder: Path) -> list[str]:
     )
 
 
-def test_ctrl_c_during_register_exits_130_and_writes_nothing(study, tmp_path):
+@pytest.mark.parametrize(("stop", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_during_register_exits_130_or_143_and_writes_nothing(
+    study, tmp_path, stop, exit_code
+):
     out_dir = tmp_path / "sorties é"
     out_dir.mkdir()
     warped, flow = out_dir / "recalé.nii.gz", out_dir / "champ.nii.gz"
@@ -474,9 +477,9 @@ def test_ctrl_c_during_register_exits_130_and_writes_nothing(study, tmp_path):
     )  # fmt: skip
     first = process.stderr.readline()  # printed once the inputs are read and checked
     assert first.startswith("registering"), first + process.stderr.read()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    assert process.returncode == exit_code, stderr
     assert stderr.strip().splitlines()[-1] == "vitreg: interrupted; nothing was written"
     assert "Traceback" not in stderr and stdout == ""
     assert list(out_dir.iterdir()) == []

@@ -7,6 +7,8 @@ Messages and progress go to stderr; stdout carries only results (a table, or JSO
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -63,24 +65,54 @@ def flag_spelling(name: str, value: object = NO_VALUE) -> str:
 
 INTERRUPTED_EXIT_CODE = 130
 """A command stopped by Ctrl-C (SIGINT) exits as shells report a process SIGINT ended."""
+TERMINATED_EXIT_CODE = 143
+"""... and one stopped by SIGTERM (a job scheduler's time limit, ``kill``) as SIGTERM's."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as after Ctrl-C."""
 
 
 @contextmanager
 def user_errors(interrupted: str = "nothing was written") -> Iterator[None]:
     """Turn a VitregError into one line ``vitreg: error: ...`` on stderr and exit code 2, and
-    Ctrl-C into one line ``vitreg: interrupted; INTERRUPTED`` and exit code 130.
+    Ctrl-C (SIGINT) or SIGTERM into one line ``vitreg: interrupted; INTERRUPTED`` and exit
+    code 130 or 143.
 
-    Files are written whole or not at all (:func:`vitreg.files.atomic_path`), so an
-    interruption leaves what ``interrupted`` says.
+    Files are written whole or not at all (:func:`vitreg.files.atomic_path`), and both
+    signals unwind the program, removing temporaries, so an interruption leaves what
+    ``interrupted`` says.
     """
     try:
-        yield
+        with _sigterm_raises():
+            yield
     except VitregError as error:
         show_error(error_text(error))
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         stderr.print(f"[red]vitreg: interrupted;[/] {escape(interrupted)}", highlight=False)
-        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+        code = TERMINATED_EXIT_CODE if isinstance(stop, Terminated) else INTERRUPTED_EXIT_CODE
+        raise typer.Exit(code) from None
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (in the main thread, where Python
+    runs signal handlers; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signal_number: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    if previous is None:  # a handler not set from Python: give the default back
+        previous = signal.SIG_DFL
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def show_error(message: str) -> None:

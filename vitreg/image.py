@@ -1,4 +1,10 @@
-"""NIfTI/MGZ in and out with nibabel: checked loading, header-preserving atomic saving."""
+"""NIfTI/MGZ in and out with nibabel: checked loading, header-preserving atomic saving.
+
+Every file is checked before its data is read (exists, not empty, a header nibabel reads
+that places the voxels in the world, real scalar data, a shape that fits in memory) and
+while it is read (truncated or garbled data, gzip checksum); each problem is a VitregError
+naming the file.
+"""
 
 from __future__ import annotations
 
@@ -83,19 +89,22 @@ def _check_size(path: Path, shape: tuple[int, ...]) -> None:
     )
 
 
-def _raw_nifti_header(path: Path, image: nib.spatialimages.SpatialImage) -> nib.Nifti1Header:
-    """The file's NIfTI header as written, before nibabel's repairs (which would set a zero
-    voxel size to 1 and a negative one to its absolute value)."""
+def _raw_nifti_header(path: Path, image: nib.spatialimages.SpatialImage) -> nib.Nifti1Header | None:
+    """A NIfTI file's header as written, before nibabel's repairs (which set a zero voxel
+    size to 1 and a negative one to its absolute value); None for other formats."""
+    if not isinstance(image, nib.Nifti1Image):  # NIfTI-2 is one too
+        return None
     with nib.openers.ImageOpener(str(path)) as handle:
         return type(image.header).from_fileobj(handle, check=False)
 
 
-def _check_header(path: Path, image: nib.spatialimages.SpatialImage) -> None:
+def _check_header(
+    path: Path, image: nib.spatialimages.SpatialImage, header: nib.Nifti1Header | None
+) -> None:
     """VitregError for a header that cannot place the voxels in the world: a voxel size
-    (NIfTI pixdim) that is zero, negative or NaN, or an affine that holds NaN/Inf or is
-    singular; and for data that is not real scalars (complex, RGB)."""
-    if isinstance(image, nib.Nifti1Image):  # NIfTI-2 too
-        header = _raw_nifti_header(path, image)
+    (NIfTI pixdim of the unrepaired ``header``) that is zero, negative or NaN, or an affine
+    that holds NaN/Inf or is singular; and for data that is not real scalars (complex, RGB)."""
+    if header is not None:
         spatial = min(3, len(image.shape))
         pixdim = [float(v) for v in header["pixdim"][1 : spatial + 1]]
         if not all(math.isfinite(v) and v > 0 for v in pixdim):
@@ -138,13 +147,12 @@ def _open(path: Path) -> nib.spatialimages.SpatialImage:
     try:
         with nib.imageglobals.LoggingOutputSuppressor():  # no repair notes on stderr
             image = nib.load(str(path))
-        _check_header(path, image)
-    except VitregError:
-        raise
+        header = _raw_nifti_header(path, image)
     except CORRUPT_DATA as error:  # MGZ: nibabel reads the footer after the data
         raise VitregError(f"{path}: truncated or corrupt file ({_one_line(error)})") from None
     except Exception as error:  # nibabel raises many types for unreadable files
         raise VitregError(f"{path}: not a readable NIfTI/MGZ image ({_one_line(error)})") from None
+    _check_header(path, image, header)
     _check_size(path, tuple(image.shape))
     return image
 
@@ -214,8 +222,9 @@ def read_grid(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
 def load_image(path: str | Path) -> Volume:
     """Read an intensity image as float32 (X, Y, Z) with scaling slopes applied.
 
-    Rejects missing or unreadable files, 2D or multi-volume images, NaN/Inf voxels and
-    constant images, each with a message naming the file.
+    Rejects missing, empty, unreadable, truncated or corrupt files, broken headers (voxel
+    size, affine), complex or RGB data, shapes too large for memory, 2D or multi-volume
+    images, NaN/Inf voxels and constant images, each with a message naming the file.
     """
     path = Path(path)
     image = _open(path)

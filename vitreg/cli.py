@@ -320,11 +320,13 @@ def register_batch(
     A background thread loads and prepares the next pairs (affine, framing) while the
     network runs on --batch-size of them at a time; the batch size does not change results.
 
-    Per pair NAME (the name/id column, else the moving file's name), on the fixed grid:
-    NAME_warped.nii.gz, NAME_flow.nii.gz (ITK), NAME_warped_labels.nii.gz (labels given).
+    Per pair NAME (the name/id column, else the moving file's name, or MOVING_to_FIXED where
+    rows share a moving file), on the fixed grid: NAME_warped.nii.gz, NAME_flow.nii.gz
+    (ITK), NAME_warped_labels.nii.gz (labels given).
 
     OUT_DIR/summary.csv and summary.json: seconds, NCC, folding (% det J <= 0 in the
-    fixed head), SDlogJ and Dice per pair. A rerun skips the pairs already finished.
+    fixed head), SDlogJ and Dice per pair. A rerun (after Ctrl-C, a crash) skips the pairs
+    already finished. One run at a time per OUT_DIR: a second one stops at once.
 
     A failing pair is reported with its CSV line and the others go on; the exit code is
     then 1 (2 for a usage error such as a bad CSV header).

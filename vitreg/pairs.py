@@ -263,10 +263,12 @@ def _derived_names(
     rows.
 
     When the moving files all differ, a pair is named after its moving file (see
-    :func:`_distinguishing_names`): ``sub01_mri_brain``. Otherwise (one atlas registered to
-    many subjects, one subject to many templates) it is ``MOVING_to_FIXED``, each side named
-    the same way: ``atlas_to_sub01_T1``, ``sub01_T1_to_tmplA``. Two rows with the same fixed
-    and moving files get one name (and :func:`read_pairs` asks for a ``name`` column).
+    :func:`_distinguishing_names`): ``sub01/mri/brain.mgz`` gives ``sub01_mri_brain``.
+    Otherwise (one atlas registered to many subjects, one subject to many templates) it is
+    ``MOVING_to_FIXED``, each side named the same way: ``atlas.nii.gz`` to
+    ``sub01/T1.nii.gz`` gives ``atlas_to_sub01_T1``, ``sub01_T1.nii.gz`` to
+    ``templates/A.nii.gz`` gives ``sub01_T1_to_A``. Two rows with the same fixed and moving
+    files get one name (and :func:`read_pairs` asks for a ``name`` column).
     """
     moving_names = _distinguishing_names(moving, rows)
     if len(set(moving_names)) == len(moving_names):

@@ -8,6 +8,7 @@ example pair in ``examples/``); ``tests/test_cli.py`` runs them all, in order.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -235,7 +236,15 @@ def register(
     -o warped.nii.gz --flow flow.nii.gz --fixed-labels examples/fixed_labels.nii.gz
     --moving-labels examples/moving_labels.nii.gz
     """
-    with user_errors():
+    started = time.time_ns()
+
+    def left_behind() -> str:
+        """What an interruption leaves: the outputs are written all together or not at all."""
+        outputs = [output, flow, inverse_flow, affine_out, qc]
+        written = [p for p in outputs if p and p.is_file() and p.stat().st_mtime_ns >= started]
+        return "the outputs were written" if written else "nothing was written"
+
+    with user_errors(interrupted=left_behind):
         from vitreg.pairs import Pair
         from vitreg.register import RegisterSettings
         from vitreg.workflow import OutputPaths, register_pair

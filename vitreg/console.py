@@ -11,7 +11,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -63,56 +63,64 @@ def flag_spelling(name: str, value: object = NO_VALUE) -> str:
     return f"{flag} {value}"
 
 
-INTERRUPTED_EXIT_CODE = 130
-"""A command stopped by Ctrl-C (SIGINT) exits as shells report a process SIGINT ended."""
-TERMINATED_EXIT_CODE = 143
-"""... and one stopped by SIGTERM (a job scheduler's time limit, ``kill``) as SIGTERM's."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that it unwinds as after Ctrl-C."""
+STOP_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+"""A command stopped by Ctrl-C (SIGINT) or SIGTERM (a job scheduler's time limit, ``kill``)
+exits as shells report a process that signal ended."""
 
 
 @contextmanager
-def user_errors(interrupted: str = "nothing was written") -> Iterator[None]:
+def user_errors(interrupted: str | Callable[[], str] = "") -> Iterator[None]:
     """Turn a VitregError into one line ``vitreg: error: ...`` on stderr and exit code 2, and
-    Ctrl-C (SIGINT) or SIGTERM into one line ``vitreg: interrupted; INTERRUPTED`` and exit
-    code 130 or 143.
+    Ctrl-C (SIGINT) or SIGTERM into one line ``vitreg: interrupted[; INTERRUPTED]`` and exit
+    code 130 or 143; ``interrupted`` (or what it returns when called then) says what is left.
 
-    Files are written whole or not at all (:func:`vitreg.files.atomic_path`), and both
-    signals unwind the program, removing temporaries, so an interruption leaves what
-    ``interrupted`` says.
+    Both signals raise KeyboardInterrupt, which unwinds the program and so removes its
+    temporaries: files are written whole or not at all (:func:`vitreg.files.atomic_path`).
+    A library may turn the interrupt into an error of its own when it lands inside its code
+    (safetensors reports a torch ValueError): any error that follows a signal is therefore
+    reported as the interruption.
     """
+    received: list[int] = []
     try:
-        with _sigterm_raises():
+        with _stop_signals_raise(received):
             yield
-    except VitregError as error:
-        show_error(error_text(error))
-        raise typer.Exit(USER_ERROR_EXIT_CODE) from None
-    except KeyboardInterrupt as stop:
-        stderr.print(f"[red]vitreg: interrupted;[/] {escape(interrupted)}", highlight=False)
-        code = TERMINATED_EXIT_CODE if isinstance(stop, Terminated) else INTERRUPTED_EXIT_CODE
-        raise typer.Exit(code) from None
+    except Exception as error:
+        if received:
+            _stop(received[0], interrupted)
+        if isinstance(error, VitregError):
+            show_error(error_text(error))
+            raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+        raise
+    except KeyboardInterrupt:
+        _stop(received[0] if received else signal.SIGINT, interrupted)
+
+
+def _stop(signal_number: int, interrupted: str | Callable[[], str]) -> NoReturn:
+    note = interrupted() if callable(interrupted) else interrupted
+    stderr.print(f"[red]vitreg: interrupted[/]{escape('; ' + note if note else '')}")
+    raise typer.Exit(STOP_EXIT_CODES[signal_number]) from None
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`Terminated` (in the main thread, where Python
-    runs signal handlers; elsewhere nothing changes)."""
+def _stop_signals_raise(received: list[int]) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM are appended to ``received`` and raise
+    KeyboardInterrupt (in the main thread, where Python runs signal handlers; elsewhere
+    nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def terminate(signal_number: int, frame: object) -> None:
-        raise Terminated
+    def stop(signal_number: int, frame: object) -> None:
+        received.append(signal_number)
+        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminate)
-    if previous is None:  # a handler not set from Python: give the default back
-        previous = signal.SIG_DFL
+    previous = {number: signal.signal(number, stop) for number in STOP_EXIT_CODES}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            # None: a handler not set from Python; give the default back
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 def show_error(message: str) -> None:

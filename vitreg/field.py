@@ -100,6 +100,7 @@ def load_flow(
     data, affine, header = load_raw(path)
     itk_shaped = data.ndim == 5 and data.shape[3] == 1 and data.shape[4] == 3
     four_d = data.ndim == 4 and data.shape[3] == 3
+    requested = flow_format
     if flow_format == "auto":
         flow_format = "itk" if itk_shaped else "voxel"
     if flow_format == "itk" and itk_shaped:
@@ -109,8 +110,9 @@ def load_flow(
         disp = torch.from_numpy(np.ascontiguousarray(data)).permute(3, 0, 1, 2).unsqueeze(0)
         disp_mm = flow_vox_to_mm(disp, affine) if flow_format == "voxel" else disp
     else:
+        named = "" if requested == "auto" else f" in {flow_format} format"
         raise VitregError(
-            f"{path}: shape {data.shape} is not a displacement field in {flow_format} format; "
+            f"{path}: shape {data.shape} is not a displacement field{named}; "
             "expected ITK (X, Y, Z, 1, 3), or voxel or freesurfer (X, Y, Z, 3)"
         )
     if not torch.isfinite(disp_mm).all():

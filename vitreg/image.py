@@ -234,7 +234,7 @@ def load_image(path: str | Path) -> Volume:
         raise VitregError(f"{path}: shape {data.shape} is not a 3D volume (an axis of size 1)")
     finite = np.isfinite(data)
     if not finite.all():
-        raise VitregError(f"{path}: {int((~finite).sum())} voxels are NaN or Inf")
+        raise VitregError(f"{path}: {int((~finite).sum())} of {data.size} voxels are NaN or Inf")
     if float(data.max()) == float(data.min()):
         raise VitregError(f"{path}: the image is constant (every voxel is {float(data.min())})")
     return Volume(data=data, affine=image.affine.astype(np.float64), header=image.header, path=path)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import typer
 
@@ -22,6 +26,26 @@ def test_other_errors_pass_through_untouched(capsys):
     with pytest.raises(ZeroDivisionError), user_errors():
         _ = 1 / 0
     assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_is_one_stderr_line_and_exit_code_130(capsys):
+    with pytest.raises(typer.Exit) as stopped, user_errors("the summary is kept"):
+        raise KeyboardInterrupt
+    assert stopped.value.exit_code == 130
+    assert capsys.readouterr().err.splitlines() == ["vitreg: interrupted; the summary is kept"]
+
+
+def test_sigterm_turned_into_a_library_error_is_reported_as_the_interruption(capsys):
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(typer.Exit) as stopped, user_errors():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here, at once
+        except KeyboardInterrupt:  # as a library may do with an exception in its callback
+            raise ValueError("could not determine the shape of object type") from None
+    assert stopped.value.exit_code == 143
+    assert capsys.readouterr().err.splitlines() == ["vitreg: interrupted"]
+    assert signal.getsignal(signal.SIGTERM) == handler  # given back
 
 
 def test_download_progress_follows_the_reported_bytes():

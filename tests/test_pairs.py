@@ -85,3 +85,33 @@ def test_a_file_that_is_wrong_as_a_whole_is_refused(tmp_path):
             read_pairs(csv)
     with pytest.raises(VitregError, match="no such CSV file"):
         read_pairs(tmp_path / "none.csv")
+
+
+def test_names_without_a_name_column_come_from_the_files_that_differ(tmp_path):
+    def names(*rows: str) -> list[str]:
+        (tmp_path / "pairs.csv").write_text("fixed,moving\n" + "\n".join(rows) + "\n")
+        return [pair.name for pair in read_pairs(tmp_path / "pairs.csv")]
+
+    # moving files that differ name the pairs alone, with as many folders as tell them apart
+    assert names("atlas.nii.gz,s1/mri/brain.mgz", "atlas.nii.gz,s2/mri/brain.mgz") == [
+        "s1_mri_brain",
+        "s2_mri_brain",
+    ]
+    # one atlas to many subjects, one subject to many templates: MOVING_to_FIXED
+    assert names("s1/T1.nii.gz,atlas.nii.gz", "s2/T1.nii.gz,atlas.nii.gz") == [
+        "atlas_to_s1_T1",
+        "atlas_to_s2_T1",
+    ]
+    assert names("tpl/A.nii.gz,s1 é.nii.gz", "tpl/B.nii.gz,s1 é.nii.gz") == [
+        "s1_é_to_A",
+        "s1_é_to_B",
+    ]
+    # a mix: two subjects, each to two templates
+    assert names("A.nii,s1.nii", "B.nii,s1.nii", "A.nii,s2.nii", "B.nii,s2.nii") == [
+        "s1_to_A",
+        "s1_to_B",
+        "s2_to_A",
+        "s2_to_B",
+    ]
+    with pytest.raises(VitregError, match="pairs.csv:3: output name 'm_to_f' is also that"):
+        names("f.nii,m.nii", "f.nii,m.nii")

@@ -17,6 +17,7 @@ from vitreg.transform import (
     integrate_velocity,
     ras_to_lps,
     resize_flow,
+    sample_labels_linear,
     warp,
     warp_labels,
 )
@@ -93,6 +94,45 @@ def test_warp_labels_matches_scipy_nearest_and_keeps_dtype():
     inside = inside_mask(flow, margin=0.5)
     np.testing.assert_array_equal(warped[0, 0].numpy()[inside], expected[inside])
     assert np.all(warped[0, 0].numpy()[~inside_mask(flow, margin=-0.51)] == 0)
+
+
+def scipy_one_hot_linear(labels: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The winning label at ``points`` (3, n) and its margin over the runner-up: each label's
+    one-hot image interpolated by scipy (trilinear, zero outside), the share of a sample
+    outside the map added to the background; ties to the background, then the smallest."""
+
+    def interpolate(image: np.ndarray) -> np.ndarray:
+        return ndimage.map_coordinates(image, points, order=1, mode="grid-constant", cval=0.0)
+
+    values = [0, *sorted(set(np.unique(labels).tolist()) - {0})]
+    weights = [1.0 - interpolate(np.ones(labels.shape)) + interpolate((labels == 0) * 1.0)]
+    weights += [interpolate((labels == value) * 1.0) for value in values[1:]]
+    weights = np.stack(weights)
+    order = np.sort(weights, axis=0)
+    return np.asarray(values)[np.argmax(weights, axis=0)], order[-1] - order[-2]
+
+
+def test_sample_labels_linear_matches_scipy_one_hot_trilinear_argmax():
+    rng = np.random.default_rng(3)
+    labels = ndimage.median_filter(rng.integers(0, 9, SHAPE), 3) * 7 - 14  # -14 ... 42, 0 too
+    points = identity_grid(SHAPE, dtype=torch.float64)[0].numpy() + smooth_field(amplitude=3)
+    points[0, :3] -= 4.0  # some samples partly or wholly outside the map
+    ours = sample_labels_linear(
+        torch.from_numpy(labels), torch.from_numpy(points.astype(np.float32))[None]
+    )
+    assert ours.dtype == torch.int64
+    theirs, margin = scipy_one_hot_linear(labels, points.reshape(3, -1).astype(np.float32))
+    theirs, margin = theirs.reshape(SHAPE), margin.reshape(SHAPE)
+    clear = margin > 1e-5  # float32 coordinates: near-ties may go either way
+    assert clear.mean() > 0.99 and len(np.unique(theirs)) >= 6
+    np.testing.assert_array_equal(ours.numpy()[clear], theirs[clear])
+
+
+def test_sample_labels_linear_breaks_ties_for_the_background_then_the_smallest_label():
+    labels = torch.tensor([[[5, 3, 0, -2]]])  # (1, 1, 4): points halfway between neighbours
+    points = torch.tensor([[[[0.5, 1.5, 2.5, 3.5]]]], dtype=torch.float32)
+    coords = torch.cat([torch.zeros_like(points), torch.zeros_like(points), points])[None]
+    assert sample_labels_linear(labels, coords)[0, 0].tolist() == [3, 0, 0, 0]
 
 
 def test_integrating_zero_velocity_gives_zero_and_constant_velocity_is_exact_inside():

@@ -7,6 +7,11 @@ pre-alignment, framing) the next pairs while the current ones are registered; up
 ``batch_size`` prepared pairs go through the network in one call. A pair that fails is
 recorded with its CSV line and the rest go on; the summary (CSV and JSON) is rewritten after
 every pair, so an interrupted batch resumes where it stopped.
+
+One run at a time writes to an output folder: a run holds the lock file ``.vitreg-batch.lock``
+there, and a second run on the same folder stops at once with an error naming it (the
+operating system drops the lock of a killed run, so a rerun is never blocked by a stale one).
+The rerun removes the half-written temporaries a killed run may have left.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from filelock import FileLock, Timeout
+
 from vitreg.device import choose_device
 from vitreg.errors import OptionError, VitregError
-from vitreg.files import make_folder, write_csv, write_json
+from vitreg.files import make_folder, remove_stale_temporaries, write_csv, write_json
 from vitreg.frame import ModelFrame
 from vitreg.nets.vitvnet import VitVNet
 from vitreg.pairs import LoadedPair, Pair, load_pair, read_pairs
@@ -45,6 +52,7 @@ T = TypeVar("T")
 INPUT_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels")
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
+LOCK_FILE = ".vitreg-batch.lock"
 SUMMARY_FIELDS = (
     "row",
     "name",
@@ -201,6 +209,15 @@ class _Batch:
     def ordered(self) -> list[dict]:
         return [self.records[pair.row] for pair in self.pairs if pair.row in self.records]
 
+    def remove_stale_temporaries(self) -> None:
+        """Remove the half-written temporaries of this batch's files that a killed run left
+        (the batch lock is held, so no other process is writing them)."""
+        for pair in self.pairs:
+            for path in pair_outputs(self.out_dir, pair, self.qc).files().values():
+                remove_stale_temporaries(path)
+        for name in (SUMMARY_JSON, SUMMARY_CSV):
+            remove_stale_temporaries(self.out_dir / name)
+
     def to_do(self) -> list[Pair]:
         """The pairs not finished by an earlier run (those are recorded as resumed)."""
         previous = _read_previous(self.out_dir / SUMMARY_JSON)
@@ -285,9 +302,11 @@ def register_batch(
     ``NAME_warped_labels.nii.gz`` (nearest neighbour), with ``qc`` ``NAME_qc.png``; all on
     the fixed grid. A pair already finished in ``out_dir`` (its record in summary.json is
     'ok' with the same input files, sizes, times and settings, and its outputs exist) is
-    kept, not redone. A thread loads and prepares (affine, framing) ``prefetch`` pairs ahead,
-    and at least ``batch_size``; the model, when given, runs once per ``batch_size`` pairs
-    (fewer where a row failed or at the end), with the results of one call per pair.
+    kept, not redone. While it runs it holds ``out_dir``'s batch lock: a second call on the
+    same folder raises a VitregError at once. A thread loads and prepares (affine, framing)
+    ``prefetch`` pairs ahead, and at least ``batch_size``; the model, when given, runs once
+    per ``batch_size`` pairs (fewer where a row failed or at the end), with the results of
+    one call per pair.
 
     ``model``: a network, or a checkpoint name or path (loaded once the CSV and options are
     checked; it brings its own frame), or 'none'/None; ``weights_name`` names it in the
@@ -310,29 +329,51 @@ def register_batch(
     checked = settings.checked(network, frame)
     record_settings = json.loads(json.dumps({"weights": weights_name, **settings.to_dict()}))
     make_folder(out_dir)
-    run = _Batch(csv_path, out_dir, pairs, checked, record_settings, qc)
-    to_do = run.to_do()
+    with _batch_lock(out_dir):
+        run = _Batch(csv_path, out_dir, pairs, checked, record_settings, qc)
+        run.remove_stale_temporaries()
+        to_do = run.to_do()
 
-    def prepare(pair: Pair) -> ReadyPair:
-        loaded = load_pair(pair)
-        checked.check_labels(loaded.labels)
-        prepared = prepare_pair(
-            loaded.fixed, loaded.moving, frame, checked, torch_device, loaded.labels
-        )
-        return ReadyPair(loaded, prepared)
+        def prepare(pair: Pair) -> ReadyPair:
+            loaded = load_pair(pair)
+            checked.check_labels(loaded.labels)
+            prepared = prepare_pair(
+                loaded.fixed, loaded.moving, frame, checked, torch_device, loaded.labels
+            )
+            return ReadyPair(loaded, prepared)
 
-    if progress is not None:
-        progress("pairs", 0, len(to_do))
-    done = 0
-    with contextlib.closing(_in_background(to_do, max(prefetch, batch_size), prepare)) as ready:
-        while group := list(itertools.islice(ready, batch_size)):
-            prepared = _through_network(network, group, progress)
-            for pair, item in group:
-                record, error = run.finish(pair, item, prepared.get(pair.row), progress)
-                done += 1
-                if on_record is not None:
-                    on_record(record, error)
-                if progress is not None:
-                    progress("pairs", done, len(to_do))
-    run.write_summary()
+        if progress is not None:
+            progress("pairs", 0, len(to_do))
+        done = 0
+        with contextlib.closing(_in_background(to_do, max(prefetch, batch_size), prepare)) as ready:
+            while group := list(itertools.islice(ready, batch_size)):
+                prepared = _through_network(network, group, progress)
+                for pair, item in group:
+                    record, error = run.finish(pair, item, prepared.get(pair.row), progress)
+                    done += 1
+                    if on_record is not None:
+                        on_record(record, error)
+                    if progress is not None:
+                        progress("pairs", done, len(to_do))
+        run.write_summary()
     return BatchResult(run.ordered(), out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON)
+
+
+@contextlib.contextmanager
+def _batch_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s batch lock for the run; VitregError at once if another process
+    holds it. The operating system releases the lock of a killed process."""
+    lock = FileLock(str(out_dir / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise VitregError(
+            f"{out_dir}: another register-batch is writing to this folder (it holds "
+            f"{out_dir / LOCK_FILE}); let it finish, or give another {{out_dir}}"
+        ) from None
+    except OSError as error:
+        raise VitregError(f"{out_dir / LOCK_FILE}: cannot lock ({error.strerror})") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -8,6 +8,7 @@ example pair in ``examples/``); ``tests/test_cli.py`` runs them all, in order.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,7 @@ from vitreg.console import (
     QuietOption,
     error_text,
     say,
+    show_error,
     show_result,
     show_table,
     stage_progress,
@@ -83,6 +85,14 @@ ReferenceOption = Annotated[
     Path | None, typer.Option(help="Fixed image: its header is copied (same grid).")
 ]
 FlowArgument = Annotated[Path, typer.Argument(help="Flow written by 'vitreg register'.")]
+FlowInFormatOption = Annotated[
+    str,
+    typer.Option(
+        "--flow-format",
+        help="How FLOW is stored: auto (5D: itk, 4D: voxel), itk (ANTs/SimpleITK, LPS mm), "
+        "voxel (voxels of its grid) or freesurfer (RAS mm, as mri_synthmorph writes).",
+    ),
+]
 
 
 # register's own options
@@ -237,7 +247,15 @@ def register(
     -o warped.nii.gz --flow flow.nii.gz --fixed-labels examples/fixed_labels.nii.gz
     --moving-labels examples/moving_labels.nii.gz
     """
-    with user_errors():
+    started = time.time_ns()
+
+    def left_behind() -> str:
+        """What an interruption leaves: the outputs are written all together or not at all."""
+        outputs = [output, flow, inverse_flow, affine_out, qc]
+        written = [p for p in outputs if p and p.is_file() and p.stat().st_mtime_ns >= started]
+        return "the outputs were written" if written else "nothing was written"
+
+    with user_errors(interrupted=left_behind):
         from vitreg.pairs import Pair
         from vitreg.register import RegisterSettings
         from vitreg.workflow import OutputPaths, register_pair
@@ -325,11 +343,13 @@ def register_batch(
     A background thread loads and prepares the next pairs (affine, framing) while the
     network runs on --batch-size of them at a time; the batch size does not change results.
 
-    Per pair NAME (the name/id column, else the moving file's name), on the fixed grid:
-    NAME_warped.nii.gz, NAME_flow.nii.gz (ITK), NAME_warped_labels.nii.gz (labels given).
+    Per pair NAME (the name/id column, else the moving file's name, or MOVING_to_FIXED where
+    rows share a moving file), on the fixed grid: NAME_warped.nii.gz, NAME_flow.nii.gz
+    (ITK), NAME_warped_labels.nii.gz (labels given).
 
     OUT_DIR/summary.csv and summary.json: seconds, NCC, folding (% det J <= 0 in the
-    fixed head), SDlogJ and Dice per pair. A rerun skips the pairs already finished.
+    fixed head), SDlogJ and Dice per pair. A rerun (after Ctrl-C, a crash) skips the pairs
+    already finished. One run at a time per OUT_DIR: a second one stops at once.
 
     A failing pair is reported with its CSV line and the others go on; the exit code is
     then 1 (2 for a usage error such as a bad CSV header).
@@ -337,7 +357,10 @@ def register_batch(
     [bold]Example:[/bold] vitreg register-batch examples/pairs.csv --out-dir results
     --iterations 10,5,0
     """
-    with user_errors():
+    resumes = (
+        f"the pairs finished are recorded in {out_dir / 'summary.csv'}; the same command resumes"
+    )
+    with user_errors(interrupted=resumes):
         from vitreg.batch import register_batch as run_batch
         from vitreg.register import RegisterSettings
 
@@ -351,7 +374,7 @@ def register_batch(
 
             def show_failure(record: dict, error: VitregError | None) -> None:
                 if error is not None:
-                    say(quiet, f"[red]failed:[/] {pairs}:{record['row']}: {error_text(error)}")
+                    show_error(f"{pairs}:{record['row']}: {error_text(error)}")
 
             result = run_batch(
                 pairs, out_dir, weights, settings=settings, device=device, qc=qc,
@@ -501,6 +524,7 @@ def warp(
     flow: FlowArgument,
     output: Annotated[Path, typer.Option("-o", "--output", help="Warped image.")],
     reference: ReferenceOption = None,
+    flow_format: FlowInFormatOption = "auto",
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
@@ -513,7 +537,7 @@ def warp(
     with user_errors():
         from vitreg.field import warp_image_file
 
-        path = warp_image_file(image, flow, output, reference, device)
+        path = warp_image_file(image, flow, output, reference, device, flow_format)
         data = {"image": str(image), "flow": str(flow), "warped": str(path)}
         show_result("vitreg warp", [("wrote", str(path))], data, as_json, quiet)
 
@@ -527,6 +551,7 @@ def warp_labels(
         str, typer.Option(help="nearest, or linear (one-hot trilinear then argmax).")
     ] = "nearest",
     reference: ReferenceOption = None,
+    flow_format: FlowInFormatOption = "auto",
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
@@ -539,7 +564,7 @@ def warp_labels(
     with user_errors():
         from vitreg.field import warp_labels_file
 
-        path = warp_labels_file(labels, flow, output, method, reference, device)
+        path = warp_labels_file(labels, flow, output, method, reference, device, flow_format)
         data = {"labels": str(labels), "flow": str(flow), "warped": str(path), "method": method}
         show_result("vitreg warp-labels", [("wrote", str(path))], data, as_json, quiet)
 
@@ -549,6 +574,7 @@ def jacobian(
     flow: FlowArgument,
     output: Annotated[Path, typer.Option("-o", "--output", help="Jacobian determinant map.")],
     mask: Annotated[Path | None, typer.Option(help="Only count voxels inside this mask.")] = None,
+    flow_format: FlowInFormatOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -560,7 +586,7 @@ def jacobian(
     with user_errors():
         from vitreg.assess import jacobian_file
 
-        summary = jacobian_file(flow, output, mask)
+        summary = jacobian_file(flow, output, mask, flow_format)
         rows = [(key, str(value)) for key, value in summary.items()]
         show_result("vitreg jacobian", rows, summary, as_json, quiet)
 

@@ -112,7 +112,8 @@ def train(
     [bold]Example:[/bold] vitreg train examples/pairs.csv -o run1 --epochs 2
     --size 32 32 32 --spacing 6 6 6 --config examples/small_vitvnet.json --device cpu
     """
-    with user_errors():
+    interrupted = f"the state is saved after each epoch: --resume continues {output}'s run"
+    with user_errors(interrupted=interrupted):
         from vitreg.frame import ModelFrame
         from vitreg.nets.vitvnet import VitVNetConfig
         from vitreg.train import TrainRecipe

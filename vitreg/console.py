@@ -7,12 +7,15 @@ Messages and progress go to stderr; stdout carries only results (a table, or JSO
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -60,15 +63,69 @@ def flag_spelling(name: str, value: object = NO_VALUE) -> str:
     return f"{flag} {value}"
 
 
+STOP_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+"""A command stopped by Ctrl-C (SIGINT) or SIGTERM (a job scheduler's time limit, ``kill``)
+exits as shells report a process that signal ended."""
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a VitregError into one line ``vitreg: error: ...`` on stderr and exit code 2."""
+def user_errors(interrupted: str | Callable[[], str] = "") -> Iterator[None]:
+    """Turn a VitregError into one line ``vitreg: error: ...`` on stderr and exit code 2, and
+    Ctrl-C (SIGINT) or SIGTERM into one line ``vitreg: interrupted[; INTERRUPTED]`` and exit
+    code 130 or 143; ``interrupted`` (or what it returns when called then) says what is left.
+
+    Both signals raise KeyboardInterrupt, which unwinds the program and so removes its
+    temporaries: files are written whole or not at all (:func:`vitreg.files.atomic_path`).
+    A library may turn the interrupt into an error of its own when it lands inside its code
+    (safetensors reports a torch ValueError): any error that follows a signal is therefore
+    reported as the interruption.
+    """
+    received: list[int] = []
+    try:
+        with _stop_signals_raise(received):
+            yield
+    except Exception as error:
+        if received:
+            _stop(received[0], interrupted)
+        if isinstance(error, VitregError):
+            show_error(error_text(error))
+            raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+        raise
+    except KeyboardInterrupt:
+        _stop(received[0] if received else signal.SIGINT, interrupted)
+
+
+def _stop(signal_number: int, interrupted: str | Callable[[], str]) -> NoReturn:
+    note = interrupted() if callable(interrupted) else interrupted
+    stderr.print(f"[red]vitreg: interrupted[/]{escape('; ' + note if note else '')}")
+    raise typer.Exit(STOP_EXIT_CODES[signal_number]) from None
+
+
+@contextmanager
+def _stop_signals_raise(received: list[int]) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM are appended to ``received`` and raise
+    KeyboardInterrupt (in the main thread, where Python runs signal handlers; elsewhere
+    nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signal_number: int, frame: object) -> None:
+        received.append(signal_number)
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, stop) for number in STOP_EXIT_CODES}
     try:
         yield
-    except VitregError as error:
-        message = error_text(error)
-        stderr.print(f"[bold red]vitreg: error:[/] {message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(USER_ERROR_EXIT_CODE) from None
+    finally:
+        for number, handler in previous.items():
+            # None: a handler not set from Python; give the default back
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def show_error(message: str) -> None:
+    """``vitreg: error: MESSAGE`` on stderr (also with --quiet: an error is not a message)."""
+    stderr.print(f"[bold red]vitreg: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def error_text(error: VitregError) -> str:

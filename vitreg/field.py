@@ -28,6 +28,7 @@ from vitreg.transform import (
     ras_to_lps,
     sample,
     sample_labels,
+    sample_labels_linear,
 )
 
 FLOW_FORMATS = ("itk", "voxel", "freesurfer")
@@ -99,6 +100,7 @@ def load_flow(
     data, affine, header = load_raw(path)
     itk_shaped = data.ndim == 5 and data.shape[3] == 1 and data.shape[4] == 3
     four_d = data.ndim == 4 and data.shape[3] == 3
+    requested = flow_format
     if flow_format == "auto":
         flow_format = "itk" if itk_shaped else "voxel"
     if flow_format == "itk" and itk_shaped:
@@ -108,8 +110,9 @@ def load_flow(
         disp = torch.from_numpy(np.ascontiguousarray(data)).permute(3, 0, 1, 2).unsqueeze(0)
         disp_mm = flow_vox_to_mm(disp, affine) if flow_format == "voxel" else disp
     else:
+        named = "" if requested == "auto" else f" in {flow_format} format"
         raise VitregError(
-            f"{path}: shape {data.shape} is not a displacement field in {flow_format} format; "
+            f"{path}: shape {data.shape} is not a displacement field{named}; "
             "expected ITK (X, Y, Z, 1, 3), or voxel or freesurfer (X, Y, Z, 3)"
         )
     if not torch.isfinite(disp_mm).all():
@@ -192,23 +195,16 @@ def warp_labels_nearest(
 def warp_labels_linear(
     labels: Volume, field: DisplacementField, device: torch.device | str = "cpu"
 ) -> np.ndarray:
-    """One-hot trilinear warp then argmax, streamed one label at a time (memory of 3 volumes).
+    """One-hot trilinear warp then argmax onto the field's grid: (X, Y, Z), values kept.
 
     Background (0) competes like any label, and the part of a sample that falls outside the
-    source counts as background; ties go to the background.
+    source counts as background; ties go to the background. Computed from the 8 voxels
+    around each sample (:func:`vitreg.transform.sample_labels_linear`), so 2,000 labels
+    cost what 2 do, in time and memory.
     """
     coords = source_coordinates(field, labels, device)
     source = torch.as_tensor(labels.data, device=device)
-    # Background weight: the share of the sample outside the source, plus label 0's share.
-    best = 1.0 - sample(torch.ones((1, 1, *labels.shape), device=device), coords)[0, 0]
-    result = torch.zeros(field.grid.shape, dtype=source.dtype, device=device)
-    best = best + sample((source == 0).float()[None, None], coords)[0, 0]
-    for value in torch.unique(source[source != 0]).tolist():
-        weight = sample((source == value).float()[None, None], coords)[0, 0]
-        better = weight > best
-        best = torch.where(better, weight, best)
-        result = torch.where(better, torch.as_tensor(value, dtype=source.dtype), result)
-    return result.cpu().numpy()
+    return sample_labels_linear(source, coords).cpu().numpy()
 
 
 def warp_image_file(
@@ -217,12 +213,14 @@ def warp_image_file(
     output: str | Path,
     reference: str | Path | None = None,
     device: str = "auto",
+    flow_format: str = "auto",
 ) -> Path:
     """``vitreg warp``: warp an image file (any grid) with a saved flow onto the flow's grid
-    (trilinear), written as float32 with ``reference``'s header (an image on that grid)."""
+    (trilinear), written as float32 with ``reference``'s header (an image on that grid).
+    ``flow_format``: how the flow is stored (see :func:`load_flow`)."""
     torch_device = choose_device(device)
     check_writable(output)
-    field = load_flow(flow, reference=reference)
+    field = load_flow(flow, flow_format, reference=reference)
     warped = warp_image(load_image(image), field, torch_device)
     return save(output, warped.astype("float32"), field.grid)
 
@@ -237,14 +235,16 @@ def warp_labels_file(
     method: str = "nearest",
     reference: str | Path | None = None,
     device: str = "auto",
+    flow_format: str = "auto",
 ) -> Path:
     """``vitreg warp-labels``: warp a label map file with a saved flow, keeping its values and
-    integer type; ``method`` 'nearest' or 'linear' (one-hot trilinear, then argmax)."""
+    integer type; ``method`` 'nearest' or 'linear' (one-hot trilinear, then argmax);
+    ``flow_format``: how the flow is stored (see :func:`load_flow`)."""
     if method not in LABEL_METHODS:
         raise OptionError("method", method, f"expected {' or '.join(LABEL_METHODS)}")
     torch_device = choose_device(device)
     check_writable(output)
-    field = load_flow(flow, reference=reference)
+    field = load_flow(flow, flow_format, reference=reference)
     source = load_labels(labels)
     warp = warp_labels_linear if method == "linear" else warp_labels_nearest
     warped = warp(source, field, torch_device)

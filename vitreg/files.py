@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import errno
+import glob
 import io
 import json
 import os
@@ -29,9 +31,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     temporary is removed, so a half-written output never appears under ``target``'s name.
     """
     target = Path(target)
-    suffix = ".nii.gz" if target.name.endswith(".nii.gz") else target.suffix
     try:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+        handle, name = tempfile.mkstemp(
+            prefix=temporary_prefix(target), suffix=_suffix(target), dir=target.parent
+        )
     except OSError as error:
         raise VitregError(f"{target}: cannot write ({error.strerror})") from None
     os.close(handle)
@@ -40,9 +43,53 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield temporary
         os.chmod(temporary, plain_file_mode())
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+            raise VitregError(f"{target}: cannot write ({error.strerror})") from None
         raise
+
+
+WRITE_ERRORS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+)
+"""Errors of the file system while a file is written (full disk, quota, read-only, ...):
+the user's to fix, so they become a VitregError naming the file."""
+
+
+def _suffix(target: Path) -> str:
+    return ".nii.gz" if target.name.endswith(".nii.gz") else target.suffix
+
+
+def temporary_prefix(target: Path) -> str:
+    """The name with which :func:`atomic_path`'s temporaries for ``target`` begin."""
+    return f".{target.name}."
+
+
+def remove_stale_temporaries(target: str | Path) -> list[Path]:
+    """Remove the temporaries of ``target`` that a killed process left (``kill -9`` while
+    :func:`atomic_path` was writing); returns them. Only for a caller that knows no other
+    process is writing ``target`` now (it holds a lock)."""
+    target = Path(target)
+    stale = sorted(target.parent.glob(f"{glob.escape(temporary_prefix(target))}*{_suffix(target)}"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def check_folder_writable(folder: str | Path, target: str | Path) -> None:
+    """VitregError unless a file can be created in ``folder`` (for ``target``, which the
+    message names): a probe file is created and removed, so a read-only file system, a full
+    inode table or a permission the process lacks (even as root, over NFS) shows now, before
+    long work, with the system's reason."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=".vitreg-probe.", dir=folder)
+    except OSError as error:
+        raise VitregError(
+            f"{target}: output directory {folder} is not writable ({error.strerror})"
+        ) from None
+    os.close(handle)
+    os.unlink(name)
 
 
 def write_text(path: str | Path, text: str) -> Path:

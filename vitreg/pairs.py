@@ -2,7 +2,8 @@
 
 A pairs file has a header naming ``fixed`` and ``moving`` (required); every other column is
 optional: ``name`` or ``id`` (names the pair's outputs; default: the moving file's name, with
-as many parent folders as make the names unique), ``fixed_labels`` and ``moving_labels``
+as many parent folders as make the names unique, or ``MOVING_to_FIXED`` where rows share a
+moving file: see :func:`_derived_names`), ``fixed_labels`` and ``moving_labels``
 (label maps on the images' grids, both or neither), ``true_flow`` (the ground-truth pull field
 on the fixed grid, a flow file :func:`vitreg.field.load_flow` reads), ``mask`` (on the fixed
 grid: where folding, end-point error and correlation are measured; default the fixed head's
@@ -124,7 +125,11 @@ def pairs_from_rows(
 
     name_column = next((column for column in NAME_COLUMNS if column in columns), None)
     lines = [line for line, _ in rows]
-    derived = _derived_names([path_of(cells, "moving") for _, cells in rows], lines)
+    derived = _derived_names(
+        [path_of(cells, "fixed") for _, cells in rows],
+        [path_of(cells, "moving") for _, cells in rows],
+        lines,
+    )
     pairs, seen = [], {}
     for (line, cells), fallback in zip(rows, derived, strict=True):
         given = cells.get(name_column, "") if name_column else ""
@@ -226,23 +231,47 @@ def _stem(path: Path) -> str:
 
 
 def _safe_name(text: str) -> str:
-    """A file-name-safe version of ``text`` (letters, digits, '.', '_', '-')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._") or "pair"
+    """A file-name-safe version of ``text``: letters (any script's), digits, '.', '_', '-';
+    each run of other characters (spaces, slashes, ...) becomes one '_'."""
+    return re.sub(r"[^\w.-]+", "_", text.strip()).strip("._") or "pair"
 
 
-def _derived_names(moving: list[Path | None], rows: list[int]) -> list[str]:
-    """Names from the moving files: the stem, with as many parent folders as make them unique.
+def _distinguishing_names(paths: list[Path | None], rows: list[int]) -> list[str]:
+    """A name per path: its stem, with as many parent folders as tell the distinct paths
+    apart (a row without a path: ``rowN``); equal paths get equal names.
 
     ``sub01/mri/brain.mgz`` and ``sub02/mri/brain.mgz`` become ``sub01_mri_brain`` and
-    ``sub02_mri_brain``.
+    ``sub02_mri_brain``; ``atlas.nii.gz`` on every row stays ``atlas``.
     """
     parts = [
         [*path.parent.parts, _stem(path)] if path is not None else [f"row{row}"]
-        for path, row in zip(moving, rows, strict=True)
+        for path, row in zip(paths, rows, strict=True)
     ]
+    distinct = len({tuple(p) for p in parts})
     deepest = max((len(p) for p in parts), default=1)
     for depth in range(1, deepest + 1):
         names = [_safe_name("_".join(p[-depth:])) for p in parts]
-        if len(set(names)) == len(names):
+        if len(set(names)) == distinct:
             return names
-    return names
+    return [_safe_name("_".join(p)) for p in parts]
+
+
+def _derived_names(
+    fixed: list[Path | None], moving: list[Path | None], rows: list[int]
+) -> list[str]:
+    """Output names of pairs without a ``name`` column, from the files that differ between
+    rows.
+
+    When the moving files all differ, a pair is named after its moving file (see
+    :func:`_distinguishing_names`): ``sub01/mri/brain.mgz`` gives ``sub01_mri_brain``.
+    Otherwise (one atlas registered to many subjects, one subject to many templates) it is
+    ``MOVING_to_FIXED``, each side named the same way: ``atlas.nii.gz`` to
+    ``sub01/T1.nii.gz`` gives ``atlas_to_sub01_T1``, ``sub01_T1.nii.gz`` to
+    ``templates/A.nii.gz`` gives ``sub01_T1_to_A``. Two rows with the same fixed and moving
+    files get one name (and :func:`read_pairs` asks for a ``name`` column).
+    """
+    moving_names = _distinguishing_names(moving, rows)
+    if len(set(moving_names)) == len(moving_names):
+        return moving_names
+    fixed_names = _distinguishing_names(fixed, rows)
+    return [f"{m}_to_{f}" for m, f in zip(moving_names, fixed_names, strict=True)]

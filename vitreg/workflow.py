@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,30 +141,47 @@ def finish_pair(
 
 
 def write_outputs(result: RegisteredPair, paths: OutputPaths) -> dict[str, Path]:
-    """Write every output ``paths`` names, each atomically; returns them by name."""
+    """Write every output ``paths`` names, each atomically; returns them by name.
+
+    All or nothing: when one fails or the writing is interrupted (Ctrl-C), the outputs this
+    call wrote are removed again, so no incomplete set of outputs is left.
+    """
+    written: list[Path] = []
+    try:
+        _write_each(result, paths, written.append)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return paths.files()
+
+
+def _write_each(result: RegisteredPair, paths: OutputPaths, wrote: Callable[[Path], None]) -> None:
+    """Write the outputs one by one, calling ``wrote(path)`` after each."""
     fixed, registration = result.loaded.fixed, result.registration
-    save(paths.warped, registration.warped.astype("float32"), fixed)
+    wrote(save(paths.warped, registration.warped.astype("float32"), fixed))
     if paths.flow is not None:
-        save_flow(paths.flow, registration.field, paths.flow_format)
+        wrote(save_flow(paths.flow, registration.field, paths.flow_format))
     if paths.inverse_flow is not None:
         if result.inverse is None:
             raise ValueError("write_outputs: an inverse_flow path but no inverse field")
-        save_flow(paths.inverse_flow, result.inverse.field, paths.flow_format)
+        wrote(save_flow(paths.inverse_flow, result.inverse.field, paths.flow_format))
     if paths.affine_out is not None:
-        save_affine(paths.affine_out, registration.affine_ras)
+        wrote(save_affine(paths.affine_out, registration.affine_ras))
     if paths.warped_labels is not None and result.loaded.labels is not None:
         moving_labels = result.loaded.labels[1]
         warped_labels = warp_labels_nearest(moving_labels, registration.field)
-        save(paths.warped_labels, warped_labels.astype(label_dtype(moving_labels)), fixed)
+        wrote(save(paths.warped_labels, warped_labels.astype(label_dtype(moving_labels)), fixed))
     if paths.qc is not None:
         warped = Volume(registration.warped, fixed.affine, fixed.header, paths.warped)
         pair = result.loaded.pair
         title = pair.name if pair.source is not None else None
-        qc_figure(
-            paths.qc, fixed, result.loaded.moving, warped, registration.field, title,
-            assessment=result.assessment,
+        wrote(
+            qc_figure(
+                paths.qc, fixed, result.loaded.moving, warped, registration.field, title,
+                assessment=result.assessment,
+            )
         )  # fmt: skip
-    return paths.files()
 
 
 def register_pair(

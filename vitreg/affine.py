@@ -186,6 +186,16 @@ def _method(iterations: int, image: sitk.Image, shrink: list[int], step_mm: floa
     return method
 
 
+def _set_metric_masks(
+    method: sitk.ImageRegistrationMethod, fixed: sitk.Image | None, moving: sitk.Image | None
+) -> None:
+    """Let the metric sample only points inside the masks given (ITK's metric masks)."""
+    if fixed is not None:
+        method.SetMetricFixedMask(fixed)
+    if moving is not None:
+        method.SetMetricMovingMask(moving)
+
+
 def _implausible(affine_ras: np.ndarray) -> str | None:
     """Why a fixed->moving head-to-head affine is not believable, or None."""
     if not np.isfinite(affine_ras).all():
@@ -200,7 +210,27 @@ def _implausible(affine_ras: np.ndarray) -> str | None:
     return None
 
 
-def estimate_affine(fixed: Volume, moving: Volume) -> AffineResult:
+def _metric_mask(mask: Volume | None, working: sitk.Image) -> sitk.Image | None:
+    """A cost-function mask (nonzero inside, on its image's grid) on a working copy's grid,
+    as uint8 (nearest neighbour), or None."""
+    if mask is None:
+        return None
+    binary = Volume((mask.data > 0).astype(np.uint8), mask.affine, mask.header, mask.path)
+    image = sitk.Cast(to_sitk_image(binary), sitk.sitkUInt8)
+    return sitk.Resample(image, working, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+
+def _masked(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
+    """``image`` with the voxels outside ``mask`` (same grid) set to 0; itself without one."""
+    return image if mask is None else sitk.Mask(image, mask)
+
+
+def estimate_affine(
+    fixed: Volume,
+    moving: Volume,
+    fixed_mask: Volume | None = None,
+    moving_mask: Volume | None = None,
+) -> AffineResult:
     """Moments centring, then rigid (Euler3D) and affine registration by Mattes MI.
 
     Rigid runs at 1/4, 1/2 and 1, affine at 1/2 and 1 of ~3 mm copies (coarse levels are
@@ -208,14 +238,21 @@ def estimate_affine(fixed: Volume, moving: Volume) -> AffineResult:
     VitregError. A result that is non-finite, clearly worse than the centring (2%) or
     implausible (scales outside 0.5..2, strong shear, a flip) comes back with ``failure`` set
     and the centring as ``affine_ras``; one no better than the centring keeps the centring.
+    ``fixed_mask``/``moving_mask``: cost-function masks on each image's grid (nonzero
+    inside): the centring and the overlap check see only the voxels inside them, and the
+    metric only samples points inside both (ITK's metric masks).
     """
     names = f"{fixed.path}, {moving.path}"
     fixed_image = _working_copy(to_sitk_image(fixed))
     moving_image = _working_copy(to_sitk_image(moving))
-    fixed_mask, moving_mask = _foreground(fixed_image), _foreground(moving_image)
+    fixed_metric_mask = _metric_mask(fixed_mask, fixed_image)
+    moving_metric_mask = _metric_mask(moving_mask, moving_image)
+    fixed_inside = _masked(fixed_image, fixed_metric_mask)
+    moving_inside = _masked(moving_image, moving_metric_mask)
+    fixed_mask, moving_mask = _foreground(fixed_inside), _foreground(moving_inside)
     centring = sitk.CenteredTransformInitializer(
-        fixed_image,
-        moving_image,
+        fixed_inside,
+        moving_inside,
         sitk.Euler3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS,
     )
@@ -227,6 +264,7 @@ def estimate_affine(fixed: Volume, moving: Volume) -> AffineResult:
         )
     stages = [f"centring by moments: overlap {100 * overlap:.0f}%"]
     rigid = _method(100, fixed_image, [4, 2, 1], RIGID_STEP_MM)
+    _set_metric_masks(rigid, fixed_metric_mask, moving_metric_mask)
     euler = sitk.Euler3DTransform(centring)
     rigid.SetInitialTransform(euler, inPlace=True)
     metric_centred = rigid.MetricEvaluate(fixed_image, moving_image)
@@ -238,6 +276,7 @@ def estimate_affine(fixed: Volume, moving: Volume) -> AffineResult:
         affine.SetMatrix(euler.GetMatrix())
         affine.SetTranslation(euler.GetTranslation())
         affine_method = _method(100, fixed_image, [2, 1], AFFINE_STEP_MM)
+        _set_metric_masks(affine_method, fixed_metric_mask, moving_metric_mask)
         affine_method.SetInitialTransform(affine, inPlace=True)
         affine_method.Execute(fixed_image, moving_image)
         metric_final = affine_method.MetricEvaluate(fixed_image, moving_image)

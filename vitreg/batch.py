@@ -42,7 +42,7 @@ from vitreg.workflow import OutputPaths, finish_pair
 
 T = TypeVar("T")
 
-INPUT_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels")
+INPUT_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
 SUMMARY_FIELDS = (
@@ -316,9 +316,11 @@ def register_batch(
     def prepare(pair: Pair) -> ReadyPair:
         loaded = load_pair(pair)
         checked.check_labels(loaded.labels)
+        checked.check_masks(loaded.fixed_mask, loaded.moving_mask)
         prepared = prepare_pair(
-            loaded.fixed, loaded.moving, frame, checked, torch_device, loaded.labels
-        )
+            loaded.fixed, loaded.moving, frame, checked, torch_device, loaded.labels,
+            fixed_mask=loaded.fixed_mask, moving_mask=loaded.moving_mask,
+        )  # fmt: skip
         return ReadyPair(loaded, prepared)
 
     if progress is not None:

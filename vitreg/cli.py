@@ -95,6 +95,17 @@ FixedLabelsOption = Annotated[
 MovingLabelsOption = Annotated[
     Path | None, typer.Option(help="Moving label map: report Dice before/after.")
 ]
+FixedMaskOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Cost-function mask on FIXED's grid (nonzero inside): voxels outside it do not "
+        "drive the registration (lesion, resection cavity, electrodes excluded)."
+    ),
+]
+MovingMaskOption = Annotated[
+    Path | None,
+    typer.Option(help="Cost-function mask on MOVING's grid (nonzero inside), as --fixed-mask."),
+]
 QcPathOption = Annotated[
     Path | None, typer.Option("--qc", help="Also write a QC figure (PNG, see 'vitreg qc').")
 ]
@@ -194,6 +205,8 @@ def register(
     flow_format: FlowFormatOption = "itk",
     fixed_labels: FixedLabelsOption = None,
     moving_labels: MovingLabelsOption = None,
+    fixed_mask: FixedMaskOption = None,
+    moving_mask: MovingMaskOption = None,
     qc: QcPathOption = None,
     offline: OfflineOption = False,
     affine: AffineOption = True,
@@ -245,7 +258,10 @@ def register(
             dice_weight=dice_weight,
             **_given(window=window, sigma_update=sigma_update, sigma_field=sigma_field),
         )
-        pair = Pair(0, moving.name, fixed, moving, fixed_labels, moving_labels)
+        pair = Pair(
+            0, moving.name, fixed, moving, fixed_labels, moving_labels,
+            fixed_mask=fixed_mask, moving_mask=moving_mask,
+        )  # fmt: skip
         paths = OutputPaths(output, flow, flow_format, inverse_flow, affine_out, qc=qc)
         header = f"registering {moving} (moving) to {fixed} (fixed), weights {weights}"
         with stage_progress(quiet, _with_fallback_note(header, weights)) as progress:
@@ -285,7 +301,8 @@ def register_batch(
     pairs: Annotated[
         Path,
         typer.Argument(
-            help="CSV with columns fixed,moving[,name|id][,fixed_labels,moving_labels]; "
+            help="CSV with columns fixed,moving[,name|id][,fixed_labels,moving_labels]"
+            "[,fixed_mask][,moving_mask] (cost-function masks, as register's --fixed-mask); "
             "relative paths are read from the CSV's folder."
         ),
     ],
@@ -398,7 +415,9 @@ def evaluate(
         Path,
         typer.Argument(
             help="CSV with columns fixed, moving [, fixed_labels, moving_labels, true_flow, "
-            "mask, lut, set, name]; paths relative to the CSV."
+            "mask, lut, set, name, fixed_mask, moving_mask]; paths relative to the CSV (mask: "
+            "where folding and errors are measured; fixed_mask/moving_mask: cost-function "
+            "masks, as register's --fixed-mask)."
         ),
     ],
     out: Annotated[

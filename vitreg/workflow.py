@@ -188,6 +188,7 @@ def register_pair(
     settings = settings or RegisterSettings()
     labels_given = pair.fixed_labels is not None and pair.moving_labels is not None
     settings.check_labels(True if labels_given else None)
+    settings.check_masks(pair.fixed_mask, pair.moving_mask)
     paths.check(settings, labels_given)
     choose_device(device)
     loaded = load_pair(pair)
@@ -203,6 +204,8 @@ def register_pair(
         progress=progress,
         labels=loaded.labels,
         settings=settings,
+        fixed_mask=loaded.fixed_mask,
+        moving_mask=loaded.moving_mask,
     )
     return finish_pair(loaded, registration, paths)
 

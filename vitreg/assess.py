@@ -118,11 +118,17 @@ def end_point_error(
     return float(error[mask].mean() if mask is not None else error.mean())
 
 
-def jacobian_file(flow: str | Path, output: str | Path, mask: str | Path | None = None) -> dict:
+def jacobian_file(
+    flow: str | Path,
+    output: str | Path,
+    mask: str | Path | None = None,
+    flow_format: str = "auto",
+) -> dict:
     """``vitreg jacobian``: write det J of a saved flow on its grid (float32) and return its
-    folding and SDlogJ, over the voxels of ``mask`` (a label map on the flow's grid) or all."""
+    folding and SDlogJ, over the voxels of ``mask`` (a label map on the flow's grid) or all.
+    ``flow_format``: how to read the flow (:func:`vitreg.field.load_flow`)."""
     check_writable(output)
-    field = load_flow(flow)
+    field = load_flow(flow, flow_format)
     region = None
     if mask is not None:
         mask_volume = load_labels(mask)

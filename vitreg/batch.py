@@ -37,6 +37,7 @@ from vitreg.register import (
     prepare_pair,
     settings_from,
 )
+from vitreg.report import write_report
 from vitreg.weights import load_model
 from vitreg.workflow import OutputPaths, finish_pair
 
@@ -58,6 +59,18 @@ SUMMARY_FIELDS = (
     "sdlogj",
     "dice_before",
     "dice_after",
+    "qc_flag",
+    "qc_reasons",
+    "head_ncc_before",
+    "head_ncc_after",
+    "jacobian_p1",
+    "jacobian_p99",
+    "affine_scales",
+    "affine_shear",
+    "affine_flip",
+    "affine_fallback",
+    "moving_outside_fov",
+    "fixed_uncovered",
     *INPUT_COLUMNS,
     "warped",
     "flow",
@@ -70,15 +83,33 @@ RecordCallback = Callable[[dict, VitregError | None], None]
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Per-pair records (in CSV order, as written to the summary) and the summary files."""
+    """Per-pair records (in CSV order, as written to the summary), the summary files and the
+    HTML report (None unless asked for)."""
 
     records: list[dict]
     summary_csv: Path
     summary_json: Path
+    report: Path | None = None
 
     @property
     def failed(self) -> list[dict]:
         return [record for record in self.records if record["status"] == "failed"]
+
+    @property
+    def flagged(self) -> dict[str, list[dict]]:
+        """The registered pairs whose QC flag is 'check' or 'fail', by flag."""
+        return {
+            flag: [record for record in self.records if record.get("qc_flag") == flag]
+            for flag in ("check", "fail")
+        }
+
+
+def _csv_cells(record: dict) -> dict:
+    """A record with its lists (QC reasons, affine scales) as one '; '-separated cell each."""
+    return {
+        key: "; ".join(map(str, value)) if isinstance(value, list) else value
+        for key, value in record.items()
+    }
 
 
 def check_counts(prefetch: int, batch_size: int) -> None:
@@ -253,6 +284,8 @@ class _Batch:
         records = self.ordered()
         counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "failed")}
         counts["resumed"] = sum(bool(record.get("resumed")) for record in records)
+        for flag in ("check", "fail"):
+            counts[f"qc_{flag}"] = sum(record.get("qc_flag") == flag for record in records)
         report = {
             "csv": str(self.csv_path),
             "settings": self.record_settings,
@@ -260,7 +293,7 @@ class _Batch:
             "pairs": records,
         }
         write_json(self.out_dir / SUMMARY_JSON, report)
-        write_csv(self.out_dir / SUMMARY_CSV, records, SUMMARY_FIELDS)
+        write_csv(self.out_dir / SUMMARY_CSV, [_csv_cells(r) for r in records], SUMMARY_FIELDS)
 
 
 def register_batch(
@@ -277,13 +310,16 @@ def register_batch(
     on_record: RecordCallback | None = None,
     batch_size: int = 1,
     offline: bool | None = None,
+    report: bool = False,
     **register_options,
 ) -> BatchResult:
     """Register every pair of ``csv_path`` (see :mod:`vitreg.pairs`) into ``out_dir``.
 
     Per pair ``NAME``: ``NAME_warped.nii.gz``, ``NAME_flow.nii.gz`` (ITK), with labels
     ``NAME_warped_labels.nii.gz`` (nearest neighbour), with ``qc`` ``NAME_qc.png``; all on
-    the fixed grid. A pair already finished in ``out_dir`` (its record in summary.json is
+    the fixed grid. Each record holds the pair's QC flag, reasons and indicators
+    (:mod:`vitreg.flags`). ``report``: also write ``report.html`` (:mod:`vitreg.report`;
+    it turns ``qc`` on). A pair already finished in ``out_dir`` (its record in summary.json is
     'ok' with the same input files, sizes, times and settings, and its outputs exist) is
     kept, not redone. A thread loads and prepares (affine, framing) ``prefetch`` pairs ahead,
     and at least ``batch_size``; the model, when given, runs once per ``batch_size`` pairs
@@ -299,6 +335,7 @@ def register_batch(
     """
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     check_counts(prefetch, batch_size)
+    qc = qc or report
     settings = settings_from(settings, register_options)
     torch_device = choose_device(device)
     pairs = read_pairs(csv_path)
@@ -337,4 +374,5 @@ def register_batch(
                 if progress is not None:
                     progress("pairs", done, len(to_do))
     run.write_summary()
-    return BatchResult(run.ordered(), out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON)
+    page = write_report(run.ordered(), csv_path, out_dir) if report else None
+    return BatchResult(run.ordered(), out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON, page)

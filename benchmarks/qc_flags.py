@@ -15,7 +15,8 @@ line per pair with its flag, reasons and indicators, then the counts.
 thresholds (``vitreg.flags.THRESHOLDS``) without registering again.
 
     OMP_NUM_THREADS=1 python benchmarks/qc_flags.py /work/sets-inter/pairs.csv \\
-        --source colin27-aal_00 --out /tmp/qc-flags --iterations 50,15,0
+        --source colin27-aal_00 --sets colin27-aal,mni152-tissue,cross-subject \\
+        --out /tmp/qc-flags --qc
 """
 
 from __future__ import annotations
@@ -82,20 +83,23 @@ def write_pairs(sets_csv: Path, source: str, sets: list[str], out: Path) -> Path
         rows = list(csv.DictReader(handle))
     base = sets_csv.parent
     origin = next(row for row in rows if row["name"] == source)
-    fixed = (base / origin["fixed"]).resolve()
     moving = nib.load(str(base / origin["moving"]))
     out.mkdir(parents=True, exist_ok=True)
-    lines = [["set", "name", "fixed", "moving", "mask"]]
+    columns = ("fixed", "moving", "fixed_labels", "moving_labels", "mask")
+    lines = [["set", "name", *columns]]
+
+    def paths_of(row: dict) -> list[str]:
+        return [str((base / row[key]).resolve()) if row.get(key) else "" for key in columns]
+
     for row in rows:
         if row["set"] in sets:
-            paths = [str((base / row[key]).resolve()) if row.get(key) else "" for key in
-                     ("fixed", "moving", "mask")]  # fmt: skip
-            lines.append([row["set"], row["name"], *paths])
-    mask = str((base / origin["mask"]).resolve()) if origin.get("mask") else ""
+            lines.append([row["set"], row["name"], *paths_of(row)])
     for name, image in broken_images(moving).items():
         path = out / f"{source}_{name}.nii.gz"
         nib.save(image, str(path))
-        lines.append(["broken", f"{source}_{name}", str(fixed), str(path), mask])
+        cells = paths_of(origin)
+        cells[1] = str(path)  # the source's fixed image, labels and mask; a broken moving one
+        lines.append(["broken", f"{source}_{name}", *cells])
     pairs = out / "pairs.csv"
     with pairs.open("w", newline="") as handle:
         csv.writer(handle).writerows(lines)
@@ -111,7 +115,7 @@ def rescore(summary_json: Path) -> list[dict]:
     for record in records:
         if record.get("status") != "ok":
             continue
-        values = {name: record[name] for name in fields}
+        values = {name: record.get(name) for name in fields}
         values["affine_scales"] = tuple(values["affine_scales"])
         record.update(qc_flag(Indicators(**values)).to_dict())
     return records
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="colin27-aal_00", help="pair the broken ones copy")
     parser.add_argument("--sets", default="colin27-aal,mni152-tissue", help="normal pairs' sets")
     parser.add_argument("--out", type=Path, default=Path("/tmp/qc-flags"))
-    parser.add_argument("--iterations", default="50,15,0")
+    parser.add_argument("--iterations", help="per level, e.g. 50,15,0 (default: vitreg's)")
     parser.add_argument("--qc", action="store_true", help="also write the QC figures")
     parser.add_argument("--rescore", type=Path, help="a finished run's summary.json")
     args = parser.parse_args(argv)
@@ -151,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         from vitreg.register import RegisterSettings
 
         pairs = write_pairs(args.sets_csv, args.source, args.sets.split(","), args.out)
-        iterations = tuple(int(n) for n in args.iterations.split(","))
+        iterations = None
+        if args.iterations:
+            iterations = tuple(int(n) for n in args.iterations.split(","))
         settings = RegisterSettings(iterations=iterations, allow_affine_failure=True)
         records = register_batch(
             pairs, args.out / "results", "none", settings=settings, qc=args.qc

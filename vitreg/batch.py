@@ -71,6 +71,7 @@ SUMMARY_FIELDS = (
     "affine_fallback",
     "moving_outside_fov",
     "fixed_uncovered",
+    "mirror_advantage",
     *INPUT_COLUMNS,
     "warped",
     "flow",

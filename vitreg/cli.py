@@ -258,7 +258,8 @@ def register(
     in world space already); the written flow includes it, so WARPED is one resampling of
     MOVING and the ITK flow applies alone with antsApplyTransforms -t flow.nii.gz. Outputs
     carry FIXED's header; --inverse-flow carries MOVING's. The table shows the files
-    written, NCC and Dice before → after, folding and the time; --json adds every setting.
+    written, NCC and Dice before → after, folding, the time and the QC flag (ok, check or
+    fail, with its reasons); --json adds the QC indicators and every setting.
 
     Without a trained checkpoint installed (the default's case today), the field comes from
     test-time optimisation alone: the greedy optimiser (local NCC, Gaussian-smoothed updates,

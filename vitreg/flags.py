@@ -38,6 +38,9 @@ class Indicators:
     affine's linear part, fixed world -> moving world, split as rotation x scales x unit upper
     triangular shear (a QR decomposition); ``affine_flip``: its determinant is negative;
     ``affine_fallback``: the affine estimate was refused and the centring used instead.
+    ``mirror_advantage``: how much better (relative Mattes MI) the left-right mirrored moving
+    image fits after its own affine (:func:`vitreg.affine.mirror_advantage`): a flipped
+    image; None without the affine.
     ``moving_outside_fov``: the fraction of the moving head whose points the affine takes
     outside the fixed image's field of view; ``fixed_uncovered``: the fraction of the fixed
     head whose points the affine takes outside the moving image or onto its background (a
@@ -56,6 +59,7 @@ class Indicators:
     affine_fallback: bool
     moving_outside_fov: float
     fixed_uncovered: float
+    mirror_advantage: float | None = None
 
     def to_dict(self) -> dict:
         """Rounded, JSON-able values by name."""
@@ -76,22 +80,24 @@ class Thresholds:
     ``folding_fail``; Jacobian percentiles outside (``jacobian_p1_min``, ``jacobian_p99_max``).
     Affine: a scale outside ``scale_range`` or a shear above ``shear_max`` is 'check', a flip
     'fail', a refused estimate 'check'. Coverage: ``moving_outside_fov`` or
-    ``fixed_uncovered`` above ``*_check``/``*_fail``.
+    ``fixed_uncovered`` above ``*_check``/``*_fail``. Handedness: ``mirror_advantage`` above
+    ``mirror_check`` is 'check'.
     """
 
-    ncc_check: float = 0.5
+    ncc_check: float = 0.4
     ncc_fail: float = 0.3
     ncc_drop: float = 0.02
     folding_check: float = 0.05
     folding_fail: float = 1.0
-    jacobian_p1_min: float = 0.3
-    jacobian_p99_max: float = 3.0
+    jacobian_p1_min: float = 0.25
+    jacobian_p99_max: float = 2.5
     scale_range: tuple[float, float] = (0.6, 1.6)
     shear_max: float = 0.3
     outside_check: float = 0.2
     outside_fail: float = 0.5
     uncovered_check: float = 0.2
     uncovered_fail: float = 0.5
+    mirror_check: float = 0.04
 
 
 THRESHOLDS = Thresholds()
@@ -203,6 +209,7 @@ def indicators(
         affine_fallback=fallback,
         moving_outside_fov=moving_outside_fov(fixed, moving, registration.affine_ras),
         fixed_uncovered=fixed_uncovered(fixed, moving, registration.affine_ras, head),
+        mirror_advantage=registration.mirror_advantage,
     )
 
 
@@ -238,6 +245,12 @@ def qc_flag(values: Indicators, thresholds: Thresholds = THRESHOLDS) -> QcFlag:
         check.append(f"affine shear {values.affine_shear:.2f} > {t.shear_max}")
     if values.affine_fallback:
         check.append("the affine estimate was refused (centring only)")
+    mirror = values.mirror_advantage
+    if mirror is not None and mirror > t.mirror_check:
+        check.append(
+            f"the left-right mirrored moving image fits {100 * mirror:.1f}% better "
+            f"(> {100 * t.mirror_check:.0f}%): flipped?"
+        )
     for value, name, check_at, fail_at in (
         (values.moving_outside_fov, "of the moving head outside the fixed field of view",
          t.outside_check, t.outside_fail),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vitreg.affine import estimate_affine, in_fixed_world
+from vitreg.affine import estimate_affine, in_fixed_world, mirror_advantage
 from vitreg.device import choose_device
 from vitreg.errors import OptionError, VitregError
 from vitreg.field import DisplacementField, affine_displacement, warp_image, with_affine
@@ -75,7 +75,10 @@ class Registration:
     mode), else None. ``ncc_before`` and ``ncc_after``: mean local (9^3) squared NCC of the
     framed pair (after the affine), without and with ``u``; ``head_ncc_before`` and
     ``head_ncc_after``: the same over the fixed head's voxels only (inside the fixed
-    cost-function mask when one was given). ``warnings``: for the user.
+    cost-function mask when one was given). ``mirror_advantage``: how much better the
+    left-right mirrored moving image fits after its own affine
+    (:func:`vitreg.affine.mirror_advantage`), None without a successful affine.
+    ``warnings``: for the user.
     """
 
     warped: np.ndarray
@@ -93,6 +96,7 @@ class Registration:
     warnings: tuple[str, ...] = ()
     head_ncc_before: float | None = None
     head_ncc_after: float | None = None
+    mirror_advantage: float | None = None
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,10 @@ def pre_align(
     allow_failure: bool = False,
     fixed_mask: Volume | None = None,
     moving_mask: Volume | None = None,
-) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
-    """Affine pre-alignment (RAS 4x4 fixed world -> moving world), its stages and warnings.
+) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...], float | None]:
+    """Affine pre-alignment (RAS 4x4 fixed world -> moving world), its stages and warnings,
+    and how much better the left-right mirrored moving image fits
+    (:func:`vitreg.affine.mirror_advantage`; None where the affine failed).
 
     A failure raises VitregError naming both files, unless ``allow_failure``: then the
     centring (or, when even that failed, the identity) is used with a warning. The
@@ -142,13 +148,14 @@ def pre_align(
     except VitregError as error:
         if not allow_failure:
             raise VitregError(f"{error.message}; {hint}") from None
-        return np.eye(4), (), (f"affine pre-alignment skipped: {error}",)
+        return np.eye(4), (), (f"affine pre-alignment skipped: {error}",), None
     if result.failure is None:
-        return result.affine_ras, tuple(result.stages), ()
+        mirror = mirror_advantage(fixed, moving, result.metric_final, fixed_mask, moving_mask)
+        return result.affine_ras, tuple(result.stages), (), mirror
     if not allow_failure:
         raise VitregError(f"{names}: affine pre-alignment failed: {result.failure}; {hint}")
     warning = f"affine pre-alignment failed ({result.failure}); going on with the centring only"
-    return result.affine_ras, tuple(result.stages), (warning,)
+    return result.affine_ras, tuple(result.stages), (warning,), None
 
 
 @dataclass(frozen=True)
@@ -342,7 +349,8 @@ class PreparedPair:
     fixed world -> moving world; the identity without pre-alignment). ``stages`` and
     ``warnings``: the affine's. ``labels``: the framed (fixed, moving) label maps, each
     (1, 1, D, H, W) int64, for Dice guidance, else None. ``masks``: the framed cost-function
-    masks (the moving one read through ``affine_ras`` like the moving image). ``output``: the
+    masks (the moving one read through ``affine_ras`` like the moving image).
+    ``mirror_advantage``: see :class:`Registration`. ``output``: the
     network's raw output (1, 3, D, H, W) voxels (a velocity in diffeomorphic mode) once
     :func:`predict_batch` ran, else None. ``seconds``: the time spent on the pair so far.
     """
@@ -360,6 +368,7 @@ class PreparedPair:
     output: torch.Tensor | None = None
     seconds: float = 0.0
     masks: CostMasks = CostMasks()
+    mirror_advantage: float | None = None
 
 
 def prepare_pair(
@@ -379,11 +388,11 @@ def prepare_pair(
     moving one; nonzero inside), which the affine step honours too.
     """
     start = time.perf_counter()
-    affine_ras, stages, warnings = np.eye(4), (), ()
+    affine_ras, stages, warnings, mirror = np.eye(4), (), (), None
     if settings.affine:
         if progress is not None:
             progress("affine", 0, 1)
-        affine_ras, stages, warnings = pre_align(
+        affine_ras, stages, warnings, mirror = pre_align(
             fixed, moving, settings.allow_affine_failure, fixed_mask, moving_mask
         )
         if progress is not None:
@@ -414,6 +423,7 @@ def prepare_pair(
         labels=framed_labels,
         seconds=time.perf_counter() - start,
         masks=masks,
+        mirror_advantage=mirror,
     )
 
 
@@ -511,6 +521,7 @@ def finish_registration(
         warnings=pair.warnings,
         head_ncc_before=head_ncc_before,
         head_ncc_after=head_ncc_after,
+        mirror_advantage=pair.mirror_advantage,
     )
 
 

@@ -28,6 +28,7 @@ INDICATORS = (
     ("affine shear", ("affine_shear",), 3),
     ("moving head outside the fixed field of view", ("moving_outside_fov",), 3),
     ("fixed head not covered by the moving image", ("fixed_uncovered",), 3),
+    ("mirrored moving image fits better by", ("mirror_advantage",), 3),
     ("Dice before → after", ("dice_before", "dice_after"), 3),
     ("SDlogJ", ("sdlogj",), 3),
     ("seconds", ("seconds",), 1),

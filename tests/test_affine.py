@@ -16,7 +16,7 @@ from vitreg.affine import (
     to_sitk,
 )
 from vitreg.errors import VitregError
-from vitreg.image import load_image
+from vitreg.image import load_image, load_labels
 
 SHAPE = (48, 52, 44)
 
@@ -89,6 +89,30 @@ def test_centred_itk_transform_converts_to_the_same_map():
     got = RAS_TO_LPS @ apply(affine_ras, (RAS_TO_LPS @ point_lps)[None])[0]
     np.testing.assert_allclose(got, expected, atol=1e-9)
     np.testing.assert_allclose(from_sitk(to_sitk(affine_ras)), affine_ras, atol=1e-12)
+
+
+def test_a_moving_mask_keeps_a_bright_object_outside_the_head_from_pulling_the_affine(tmp_path):
+    """A bright object beside the moving head (a marker, a lead) pulls the centring and the
+    MI registration far from the known shift; masked out, it does not."""
+    shape = (40, 40, 40)
+    affine = grid_affine(np.diag([2.0, 2.0, 2.0]), shape)
+    shift = np.array([4.0, -3.0, 2.0])  # moving content at x + shift is fixed content at x
+    moving = world_head(affine, shape, shift_mm=shift)
+    marker = np.zeros(shape, dtype=bool)
+    marker[0:12, 0:12, 26:40] = True  # a corner of the field of view, outside the head
+    moving[marker] = 6 * moving.max()
+    fixed_path = write(tmp_path / "fixed.nii.gz", world_head(affine, shape), affine)
+    moving_path = write(tmp_path / "moving.nii.gz", moving, affine)
+    mask_path = write(tmp_path / "mask.nii.gz", (~marker).astype(np.uint8), affine)
+    fixed, moving_volume = load_image(fixed_path), load_image(moving_path)
+
+    def translation_error(mask) -> float:
+        result = estimate_affine(fixed, moving_volume, moving_mask=mask)
+        assert result.failure is None
+        return float(np.linalg.norm(result.affine_ras[:3, 3] - shift))
+
+    assert translation_error(None) > 5.0  # 13 mm when written
+    assert translation_error(load_labels(mask_path)) < 0.2  # 0.02 mm when written
 
 
 def test_heads_that_do_not_overlap_after_centring_are_refused(tmp_path):

@@ -91,7 +91,15 @@ def test_batch_continues_past_a_broken_row_and_exits_1(cohort, first_run):
     assert failed["status"] == "failed"
     assert "pairs.csv:4" in failed["error"] and "missing_moving.nii.gz" in failed["error"]
     assert "pairs.csv:4" in result.stderr
-    assert summary["counts"] == {"ok": 2, "failed": 1, "resumed": 0}
+    counts = summary["counts"]
+    assert {key: counts[key] for key in ("ok", "failed", "resumed")} == {
+        "ok": 2, "failed": 1, "resumed": 0
+    }  # fmt: skip
+    flags = [by_name[name]["qc_flag"] for name in ("sub01", "sub02_moving")]
+    assert set(flags) <= {"ok", "check", "fail"} and "qc_flag" not in failed
+    assert counts["qc_check"] == flags.count("check") and counts["qc_fail"] == flags.count("fail")
+    flagged = flags.count("check") + flags.count("fail")
+    assert f"QC: {flagged} of 2 registered pairs flagged" in " ".join(result.stderr.split())
     out = cohort / "out"
     fixed = nib.load(str(cohort / "sub01_t1.nii.gz"))
     warped = nib.load(str(out / "sub01_warped.nii.gz"))
@@ -111,6 +119,8 @@ def test_summary_csv_matches_the_json(cohort, first_run):
         rows = list(csv.DictReader(file))
     assert [row["name"] for row in rows] == [record["name"] for record in summary["pairs"]]
     assert rows[0]["dice_after"] == str(summary["pairs"][0]["dice_after"])
+    assert rows[0]["qc_flag"] == summary["pairs"][0]["qc_flag"] and rows[2]["qc_flag"] == ""
+    assert rows[0]["qc_reasons"] == "; ".join(summary["pairs"][0]["qc_reasons"])
     assert float(rows[1]["seconds"]) > 0 and rows[2]["status"] == "failed"
     assert json.loads((cohort / "out" / "summary.json").read_text()) == summary
 
@@ -143,7 +153,10 @@ def test_rerun_skips_finished_pairs_and_redoes_changed_ones(cohort, first_run, t
     assert third.exit_code == 0, third.output
     summary = json.loads(third.stdout)
     assert [record["resumed"] for record in summary["pairs"]] == [True, False, False]
-    assert summary["counts"] == {"ok": 3, "failed": 0, "resumed": 1}
+    counts = summary["counts"]
+    assert {key: counts[key] for key in ("ok", "failed", "resumed")} == {
+        "ok": 3, "failed": 0, "resumed": 1
+    }  # fmt: skip
     assert (out / "sub03_flow.nii.gz").is_file()
 
 
@@ -337,4 +350,7 @@ def test_the_cli_batch_size_reaches_the_network(grouped, tiny_checkpoint, monkey
     )  # fmt: skip
     assert result.exit_code == 0, result.output  # without the affine, line 3 does not fail
     assert sizes == [4]
-    assert json.loads(result.stdout)["counts"] == {"ok": 4, "failed": 0, "resumed": 0}
+    counts = json.loads(result.stdout)["counts"]
+    assert {key: counts[key] for key in ("ok", "failed", "resumed")} == {
+        "ok": 4, "failed": 0, "resumed": 0
+    }  # fmt: skip

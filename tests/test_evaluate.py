@@ -142,3 +142,35 @@ def test_evaluate_passes_register_options_and_scores_no_motion_as_the_whole_shif
     # The affine pre-alignment (register's default) finds the shift.
     aligned = evaluate(pairs[:1], frame=FRAME, optimize=0, device="cpu")[0].metrics
     assert aligned.epe_mm < 0.5 and aligned.correlation_after > shifted.correlation_after
+
+
+def test_cost_mask_columns_reach_the_registration_and_adam_refuses_them(
+    pairs_csv, tmp_path, monkeypatch
+):
+    from vitreg import evaluate as evaluation
+    from vitreg.errors import OptionError
+    from vitreg.evaluate import evaluate_csv
+    from vitreg.register import RegisterSettings
+
+    folder = pairs_csv.parent
+    (tmp_path / "pairs.csv").write_text(
+        "name,fixed,moving,fixed_mask,moving_mask\n"
+        f"masked,{folder / 'fixed.nii.gz'},{folder / 'moving.nii.gz'},"
+        f"{folder / 'fixed_labels.nii.gz'},{folder / 'moving_labels.nii.gz'}\n"
+    )
+    with pytest.raises(OptionError, match="fixed_mask"):
+        evaluate_csv(tmp_path / "pairs.csv", tmp_path / "never", None, FRAME,
+                     RegisterSettings(optimizer="adam"), device="cpu")  # fmt: skip
+    assert not (tmp_path / "never").exists()
+    seen = {}
+    real_register = evaluation.register
+
+    def recording(*args, **options):
+        seen.update(options)
+        return real_register(*args, **options)
+
+    monkeypatch.setattr(evaluation, "register", recording)
+    evaluate_csv(tmp_path / "pairs.csv", tmp_path / "out", None, FRAME,
+                 RegisterSettings(optimize=0, affine=False), device="cpu")  # fmt: skip
+    assert seen["fixed_mask"].path == folder / "fixed_labels.nii.gz"
+    assert seen["moving_mask"].path == folder / "moving_labels.nii.gz"

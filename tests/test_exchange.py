@@ -489,3 +489,136 @@ def test_affine_out_writes_an_lta_or_an_itk_file_by_its_suffix(tmp_path, pair):
         check_affine_out(tmp_path / "affine.nii.gz")
     with pytest.raises(VitregError, match="does not exist"):
         check_affine_out(tmp_path / "missing" / "affine.lta")
+
+
+# ---------------------------------------------------------------------------------------
+# The command line: register writes the files other tools read, warp reads their lists
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from vitreg.cli import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def registered_for_tools(tmp_path_factory, tiny_checkpoint):
+    """`vitreg register` with --ants-prefix, --inverse-flow, --affine-out .lta and a
+    FreeSurfer flow (.mgz), with a tiny checkpoint on a 2 mm frame (fast)."""
+    folder = tmp_path_factory.mktemp("tools")
+    fixed_affine = grid_affine(rotation(10, 2) @ np.diag([2.0, 2.0, 2.0]), FIXED_SHAPE, (1, 2, 0))
+    moving_affine = grid_affine(np.diag([-1.8, -1.8, 1.8]), MOVING_SHAPE, (0, 0, 0))
+    fixed_data = zero_frame(world_head(fixed_affine, FIXED_SHAPE))
+    moving_data = zero_frame(world_head(moving_affine, MOVING_SHAPE, (3, -2, 1), wave_mm=2.0))
+    write(folder / "fixed.nii.gz", fixed_data, fixed_affine)
+    write(folder / "moving.nii.gz", moving_data, moving_affine)
+    write(folder / "moving_seg.nii.gz", labels_of(moving_data), moving_affine)
+    result = invoke(
+        "register", folder / "fixed.nii.gz", folder / "moving.nii.gz",
+        "-o", folder / "warped.nii.gz", "--flow", folder / "flow.mgz",
+        "--flow-format", "freesurfer", "--weights", tiny_checkpoint,
+        "--iterations", "10,5", "--levels", "2,1", "--ants-prefix", folder / "ants_",
+        "--inverse-flow", folder / "inverse.mgz", "--affine-out", folder / "affine.lta",
+        "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    import json
+
+    return folder, json.loads(result.stdout)
+
+
+def test_register_writes_ants_prefix_files_that_ants_applies_as_the_warped_image(
+    registered_for_tools,
+):
+    folder, summary = registered_for_tools
+    for name in ("ants_0GenericAffine.mat", "ants_1Warp.nii.gz", "ants_1InverseWarp.nii.gz"):
+        assert str(folder / name) in summary["outputs"].values()
+    theirs = ants_apply(
+        folder / "fixed.nii.gz", folder / "moving.nii.gz",
+        [folder / "ants_1Warp.nii.gz", folder / "ants_0GenericAffine.mat"],
+    )  # fmt: skip
+    ours = nib.load(str(folder / "warped.nii.gz")).get_fdata()
+    assert_images_agree(ours, theirs, np.abs(ours).max())
+
+
+def test_register_writes_the_lta_and_the_freesurfer_flow_of_the_same_map(registered_for_tools):
+    folder, summary = registered_for_tools
+    affine = np.array(summary["affine_ras"])
+    np.testing.assert_allclose(load_lta(folder / "affine.lta"), np.linalg.inv(affine), atol=1e-5)
+    # The FreeSurfer flow (RAS mm on the fixed grid) is the ANTs warp then the affine.
+    flow = nib.load(str(folder / "flow.mgz"))
+    disp_ras = np.asarray(flow.dataobj).transpose(3, 0, 1, 2)
+    fixed = nib.load(str(folder / "fixed.nii.gz"))
+    np.testing.assert_allclose(flow.affine, fixed.affine, atol=1e-4)
+    index = np.indices(fixed.shape).reshape(3, -1)
+    world = fixed.affine[:3, :3] @ index + fixed.affine[:3, 3:4]
+    warp_lps = np.asarray(nib.load(str(folder / "ants_1Warp.nii.gz")).dataobj)[:, :, :, 0, :]
+    dense = RAS_TO_LPS @ warp_lps.reshape(-1, 3).T  # (3, N) RAS mm
+    whole = affine[:3, :3] @ (world + dense) + affine[:3, 3:4] - world
+    np.testing.assert_allclose(disp_ras.reshape(3, -1), whole, atol=1e-3)
+
+
+def test_warp_and_warp_labels_read_ants_lists_and_freesurfer_flows(registered_for_tools):
+    folder, _ = registered_for_tools
+    warped = nib.load(str(folder / "warped.nii.gz")).get_fdata()
+    lists = ["-t", folder / "ants_1Warp.nii.gz", "-t", folder / "ants_0GenericAffine.mat"]
+    runs = {
+        "list": ["warp", folder / "moving.nii.gz", *lists, "-o", folder / "by_list.nii.gz"],
+        "freesurfer": ["warp", folder / "moving.nii.gz", folder / "flow.mgz",
+                       "--flow-format", "freesurfer", "-o", folder / "by_flow.nii.gz"],
+    }  # fmt: skip
+    for name, args in runs.items():
+        result = invoke(*args)
+        assert result.exit_code == 0, (name, result.output)
+        again = nib.load(str(args[-1])).get_fdata()
+        assert_images_agree(again, warped, np.abs(warped).max())
+    result = invoke(
+        "warp-labels", folder / "moving_seg.nii.gz", *lists, "--reference", folder / "fixed.nii.gz",
+        "-o", folder / "seg_by_list.nii.gz", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    theirs = ants_apply(
+        folder / "fixed.nii.gz", folder / "moving_seg.nii.gz",
+        [folder / "ants_1Warp.nii.gz", folder / "ants_0GenericAffine.mat"], labels=True,
+    )  # fmt: skip
+    assert_labels_agree(np.asarray(nib.load(str(folder / "seg_by_list.nii.gz")).dataobj), theirs)
+
+
+def test_jacobian_and_qc_read_a_freesurfer_flow(registered_for_tools):
+    folder, _ = registered_for_tools
+    result = invoke(
+        "jacobian", folder / "flow.mgz", "--flow-format", "freesurfer",
+        "-o", folder / "jacdet.nii.gz", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    jacdet = nib.load(str(folder / "jacdet.nii.gz")).get_fdata()
+    # det J by numpy from the RAS displacement: J = I + (d disp / d index) M^-1.
+    flow = nib.load(str(folder / "flow.mgz"))
+    disp = np.asarray(flow.dataobj).transpose(3, 0, 1, 2)
+    by_index = np.stack([np.stack(np.gradient(disp[i])) for i in range(3)])  # [i, j, ...]
+    to_world = np.linalg.inv(flow.affine[:3, :3])
+    jacobian = np.einsum("ij...,jk->...ik", by_index, to_world) + np.eye(3)
+    inner = (slice(1, -1),) * 3
+    np.testing.assert_allclose(jacdet[inner], np.linalg.det(jacobian)[inner], atol=1e-3)
+    result = invoke(
+        "qc", folder / "fixed.nii.gz", folder / "moving.nii.gz", folder / "warped.nii.gz",
+        "--flow", folder / "flow.mgz", "--flow-format", "freesurfer", "-o", folder / "qc.png",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output and (folder / "qc.png").is_file()
+    wrong = invoke("jacobian", folder / "flow.mgz", "-o", folder / "j2.nii.gz")
+    assert wrong.exit_code == 0  # read as voxels: the wrong numbers, as documented ...
+    assert not np.allclose(nib.load(str(folder / "j2.nii.gz")).get_fdata(), jacdet, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [([], "neither was given"), (["flow.mgz", "-t", "ants_1Warp.nii.gz"], "not both")],
+)
+def test_warp_needs_a_flow_or_transforms_not_both(registered_for_tools, extra, words):
+    folder, _ = registered_for_tools
+    args = [folder / word if word.endswith(("mgz", "gz")) else word for word in extra]
+    result = invoke("warp", folder / "moving.nii.gz", *args, "-o", folder / "x.nii.gz")
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert "-t/--transform" in result.output and not (folder / "x.nii.gz").exists()

@@ -18,6 +18,7 @@ from vitreg.frame import (
     frame_affine,
     frame_image,
     frame_labels,
+    frame_mask,
     frame_pair,
     grid_coordinates,
     normalise,
@@ -141,6 +142,22 @@ def test_frame_labels_is_nibabel_nearest_neighbour_with_values_kept(tmp_path):
     assert (ours == 1035).sum() > 100
     assert np.array_equal(ours[inside], theirs[inside])
     assert np.all(ours[outside] == 0)
+
+
+def test_frame_mask_is_nibabel_trilinear_of_the_binary_mask_above_one_half(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = ndimage.zoom(rng.integers(0, 2, (6, 7, 5)), 5, order=0)[:30, :34, :26] * 3
+    volume = load_labels(write(tmp_path / "mask.nii.gz", mask.astype(np.uint8), SOURCE_AFFINE))
+    grid = frame_affine(SMALL, np.array([0.3, -0.7, 0.45]))
+    ours = frame_mask(SMALL, volume, grid)[0, 0].numpy()
+    binary = nib.Nifti1Image((mask > 0).astype(np.float32), volume.affine)
+    share = resample_from_to(binary, (SMALL.shape, grid), order=1, cval=0).get_fdata()
+    index = np.indices(SMALL.shape).reshape(3, -1).T
+    source = nib.affines.apply_affine(np.linalg.inv(volume.affine) @ grid, index)
+    inside = np.all((source >= 0) & (source <= np.array(SOURCE_SHAPE) - 1), axis=1)
+    clear = inside.reshape(SMALL.shape) & (np.abs(share - 0.5) > 1e-3)  # away from ties
+    assert set(np.unique(ours)) == {0.0, 1.0} and 0.1 < ours.mean() < 0.8
+    assert np.array_equal(ours[clear], (share[clear] > 0.5).astype(np.float32))
 
 
 def test_frame_pair_puts_both_images_on_one_grid_centred_on_the_fixed_head(tmp_path):

@@ -10,6 +10,7 @@ from scipy import ndimage
 from vitreg.errors import VitregError
 from vitreg.metrics import jacobian_determinant
 from vitreg.optimize import (
+    CostMasks,
     GreedySchedule,
     box_sum,
     gaussian_smooth,
@@ -46,8 +47,11 @@ def test_spatial_gradient_equals_numpy_gradient():
     np.testing.assert_allclose(spatial_gradient(image)[0].numpy(), expected, atol=1e-12)
 
 
-def _summed_ncc_brute_force(fixed: np.ndarray, warped: np.ndarray, window: int) -> float:
-    """Sum over voxels of cross^2 / (var_f var_w + 1e-5) with zero-padded window sums, by loops."""
+def _summed_ncc_brute_force(
+    fixed: np.ndarray, warped: np.ndarray, window: int, weight: np.ndarray | None = None
+) -> float:
+    """Sum over voxels of cross^2 / (var_f var_w + 1e-5) with zero-padded window sums, by
+    loops, each voxel's term times ``weight`` there when given."""
     half = window // 2
     padded_f = np.pad(fixed, half)
     padded_w = np.pad(warped, half)
@@ -59,7 +63,8 @@ def _summed_ncc_brute_force(fixed: np.ndarray, warped: np.ndarray, window: int) 
         cross = (f * w).sum() - f.sum() * w.sum() / count
         var_f = (f * f).sum() - f.sum() ** 2 / count
         var_w = (w * w).sum() - w.sum() ** 2 / count
-        total += cross * cross / (var_f * var_w + 1e-5)
+        term = cross * cross / (var_f * var_w + 1e-5)
+        total += term * (1.0 if weight is None else weight[index])
     return total
 
 
@@ -73,6 +78,21 @@ def test_exact_ncc_gradient_matches_finite_differences_of_a_brute_force_ncc():
         step[voxel] = 1e-5
         numeric = (
             _summed_ncc_brute_force(f, w + step, 3) - _summed_ncc_brute_force(f, w - step, 3)
+        ) / 2e-5
+        assert gradient[0, 0][voxel].item() == pytest.approx(numeric, rel=1e-3, abs=1e-6)
+
+
+def test_weighted_ncc_gradient_matches_finite_differences_of_the_weighted_sum():
+    fixed, warped = _random((5, 6, 5), seed=3), _random((5, 6, 5), seed=4)
+    weight = (_random((5, 6, 5), seed=5) > 0.4).double() * 0.75  # a mask, with a fraction
+    gradient, score = ncc_gradient(fixed, warped, window=3, weight=weight)
+    f, w, m = fixed[0, 0].numpy(), warped[0, 0].numpy(), weight[0, 0].numpy()
+    assert score == pytest.approx(_summed_ncc_brute_force(f, w, 3, m) / m.sum(), rel=1e-6)
+    for voxel in [(0, 0, 0), (2, 3, 2), (4, 5, 4), (1, 4, 3), (3, 1, 1)]:
+        step = np.zeros_like(w)
+        step[voxel] = 1e-5
+        numeric = (
+            _summed_ncc_brute_force(f, w + step, 3, m) - _summed_ncc_brute_force(f, w - step, 3, m)
         ) / 2e-5
         assert gradient[0, 0][voxel].item() == pytest.approx(numeric, rel=1e-3, abs=1e-6)
 
@@ -101,6 +121,32 @@ def test_greedy_optimize_recovers_a_known_smooth_field(diffeo):
     assert error_after < 0.35 * error_before
     jacdet = jacobian_determinant(field[0].numpy())
     assert (jacdet <= 0).sum() == 0
+
+
+def test_masked_out_region_moves_only_with_its_surroundings():
+    """Where the moving image holds something the fixed one lacks (a bright 'lesion'), the
+    field is pulled by it without masks; with a mask excluding it, on the moving side or on
+    the fixed side, the field there stays close to the one found without the lesion."""
+    fixed, moving, _ = _blob_pair()
+    index = torch.stack(torch.meshgrid(*[torch.arange(32.0)] * 3, indexing="ij"))
+    distance = (index - torch.tensor([18.0, 14.0, 16.0]).view(3, 1, 1, 1)).norm(dim=0)
+    with_lesion = torch.where(distance < 4, torch.full_like(moving, 3.0), moving)
+    outside = (distance >= 5.5)[None, None].float()
+    schedule = GreedySchedule(levels=(2, 1), iterations=(30, 10), window=5)
+    zero = torch.zeros(1, 3, 32, 32, 32)
+    clean = greedy_optimize(fixed, moving, zero, schedule)
+    near = (distance < 7)[None].expand(1, 3, -1, -1, -1)
+
+    def departure(masks: CostMasks) -> float:
+        """The largest |u - u_clean| (voxels) near the lesion."""
+        state = greedy_optimize(fixed, with_lesion, zero, schedule, masks=masks)
+        return float((state - clean)[near].abs().max())
+
+    pulled = departure(CostMasks())
+    assert pulled > 1.0  # the lesion drags the field by more than a voxel (1.40 when written)
+    assert departure(CostMasks(moving=outside)) < 0.4 * pulled  # 0.42 when written
+    # The fixed mask excludes where the lesion should land, not the lesion itself: weaker.
+    assert departure(CostMasks(fixed=outside)) < 0.6 * pulled  # 0.65 when written
 
 
 def test_schedule_refuses_levels_and_iterations_of_different_lengths():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.volumes import write_head_set
+from tests.volumes import write, write_head_set
 from vitreg.data import read_csv
 from vitreg.errors import VitregError
 from vitreg.pairs import check_pairs, load_pair, read_pairs
@@ -115,3 +115,22 @@ def test_names_without_a_name_column_come_from_the_files_that_differ(tmp_path):
     ]
     with pytest.raises(VitregError, match="pairs.csv:3: output name 'm_to_f' is also that"):
         names("f.nii,m.nii", "f.nii,m.nii")
+
+
+def test_cost_mask_columns_are_read_on_each_images_grid(tmp_path):
+    heads = write_head_set(tmp_path, 2)
+    (fixed, fixed_seg), (moving, moving_seg) = ((a.name, b.name) for a, b in heads)
+    small = write(tmp_path / "small.nii.gz", np.ones((8, 8, 8), np.uint8), np.eye(4))
+    rows = [
+        "fixed,moving,fixed_mask,moving_mask",
+        f"{fixed},{moving},{fixed_seg},{moving_seg}",
+        f"{fixed},{moving},,{small.name}",
+    ]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    first, second = read_pairs(tmp_path / "pairs.csv", unique_names=False)
+    loaded = load_pair(first)
+    assert loaded.fixed_mask.path == heads[0][1] and loaded.moving_mask.path == heads[1][1]
+    assert loaded.moving_mask.data.shape == loaded.moving.shape
+    assert second.fixed_mask is None
+    with pytest.raises(VitregError, match="small.nii.gz: grid"):
+        load_pair(second)

@@ -186,6 +186,16 @@ def _method(iterations: int, image: sitk.Image, shrink: list[int], step_mm: floa
     return method
 
 
+def _set_metric_masks(
+    method: sitk.ImageRegistrationMethod, fixed: sitk.Image | None, moving: sitk.Image | None
+) -> None:
+    """Let the metric sample only points inside the masks given (ITK's metric masks)."""
+    if fixed is not None:
+        method.SetMetricFixedMask(fixed)
+    if moving is not None:
+        method.SetMetricMovingMask(moving)
+
+
 def _implausible(affine_ras: np.ndarray) -> str | None:
     """Why a fixed->moving head-to-head affine is not believable, or None."""
     if not np.isfinite(affine_ras).all():
@@ -200,7 +210,27 @@ def _implausible(affine_ras: np.ndarray) -> str | None:
     return None
 
 
-def estimate_affine(fixed: Volume, moving: Volume) -> AffineResult:
+def _metric_mask(mask: Volume | None, working: sitk.Image) -> sitk.Image | None:
+    """A cost-function mask (nonzero inside, on its image's grid) on a working copy's grid,
+    as uint8 (nearest neighbour), or None."""
+    if mask is None:
+        return None
+    binary = Volume((mask.data > 0).astype(np.uint8), mask.affine, mask.header, mask.path)
+    image = sitk.Cast(to_sitk_image(binary), sitk.sitkUInt8)
+    return sitk.Resample(image, working, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+
+def _masked(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
+    """``image`` with the voxels outside ``mask`` (same grid) set to 0; itself without one."""
+    return image if mask is None else sitk.Mask(image, mask)
+
+
+def estimate_affine(
+    fixed: Volume,
+    moving: Volume,
+    fixed_mask: Volume | None = None,
+    moving_mask: Volume | None = None,
+) -> AffineResult:
     """Moments centring, then rigid (Euler3D) and affine registration by Mattes MI.
 
     Rigid runs at 1/4, 1/2 and 1, affine at 1/2 and 1 of ~3 mm copies (coarse levels are
@@ -208,14 +238,21 @@ def estimate_affine(fixed: Volume, moving: Volume) -> AffineResult:
     VitregError. A result that is non-finite, clearly worse than the centring (2%) or
     implausible (scales outside 0.5..2, strong shear, a flip) comes back with ``failure`` set
     and the centring as ``affine_ras``; one no better than the centring keeps the centring.
+    ``fixed_mask``/``moving_mask``: cost-function masks on each image's grid (nonzero
+    inside): the centring and the overlap check see only the voxels inside them, and the
+    metric only samples points inside both (ITK's metric masks).
     """
     names = f"{fixed.path}, {moving.path}"
     fixed_image = _working_copy(to_sitk_image(fixed))
     moving_image = _working_copy(to_sitk_image(moving))
-    fixed_mask, moving_mask = _foreground(fixed_image), _foreground(moving_image)
+    fixed_metric_mask = _metric_mask(fixed_mask, fixed_image)
+    moving_metric_mask = _metric_mask(moving_mask, moving_image)
+    fixed_inside = _masked(fixed_image, fixed_metric_mask)
+    moving_inside = _masked(moving_image, moving_metric_mask)
+    fixed_mask, moving_mask = _foreground(fixed_inside), _foreground(moving_inside)
     centring = sitk.CenteredTransformInitializer(
-        fixed_image,
-        moving_image,
+        fixed_inside,
+        moving_inside,
         sitk.Euler3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS,
     )
@@ -227,6 +264,7 @@ def estimate_affine(fixed: Volume, moving: Volume) -> AffineResult:
         )
     stages = [f"centring by moments: overlap {100 * overlap:.0f}%"]
     rigid = _method(100, fixed_image, [4, 2, 1], RIGID_STEP_MM)
+    _set_metric_masks(rigid, fixed_metric_mask, moving_metric_mask)
     euler = sitk.Euler3DTransform(centring)
     rigid.SetInitialTransform(euler, inPlace=True)
     metric_centred = rigid.MetricEvaluate(fixed_image, moving_image)
@@ -238,6 +276,7 @@ def estimate_affine(fixed: Volume, moving: Volume) -> AffineResult:
         affine.SetMatrix(euler.GetMatrix())
         affine.SetTranslation(euler.GetTranslation())
         affine_method = _method(100, fixed_image, [2, 1], AFFINE_STEP_MM)
+        _set_metric_masks(affine_method, fixed_metric_mask, moving_metric_mask)
         affine_method.SetInitialTransform(affine, inPlace=True)
         affine_method.Execute(fixed_image, moving_image)
         metric_final = affine_method.MetricEvaluate(fixed_image, moving_image)
@@ -266,3 +305,37 @@ def estimate_affine(fixed: Volume, moving: Volume) -> AffineResult:
         failure=failure,
         stages=stages,
     )
+
+
+def left_right_mirrored(volume: Volume) -> Volume:
+    """``volume`` with its array reversed along the axis closest to the world's left-right
+    axis, header kept: the image mirrored about its grid's mid-plane."""
+    axis = int(np.argmax(np.abs(np.asarray(volume.affine)[0, :3])))
+    data = np.flip(volume.data, axis).copy()
+    return Volume(data=data, affine=volume.affine, header=volume.header, path=volume.path)
+
+
+def mirror_advantage(
+    fixed: Volume,
+    moving: Volume,
+    metric: float,
+    fixed_mask: Volume | None = None,
+    moving_mask: Volume | None = None,
+) -> float | None:
+    """How much better the left-right mirrored moving image fits the fixed one than the
+    moving image itself, each after its own :func:`estimate_affine`: ``(metric -
+    metric_mirrored) / |metric|`` with ``metric`` the moving image's final Mattes MI (lower
+    is better), so positive when the mirrored image fits better (a flipped image, when the
+    brain is asymmetric enough to tell; a symmetric template cannot tell). None when the
+    mirrored estimate fails. An affine cannot flip (:func:`estimate_affine` refuses it), so
+    a left-right swap goes unseen by the registration's own similarity."""
+    if not np.isfinite(metric) or metric == 0:
+        return None
+    mirrored_mask = None if moving_mask is None else left_right_mirrored(moving_mask)
+    try:
+        mirrored = estimate_affine(fixed, left_right_mirrored(moving), fixed_mask, mirrored_mask)
+    except VitregError:
+        return None
+    if mirrored.failure is not None or not np.isfinite(mirrored.metric_final):
+        return None
+    return float((metric - mirrored.metric_final) / abs(metric))

@@ -44,12 +44,13 @@ from vitreg.register import (
     prepare_pair,
     settings_from,
 )
+from vitreg.report import write_report
 from vitreg.weights import load_model
 from vitreg.workflow import OutputPaths, finish_pair
 
 T = TypeVar("T")
 
-INPUT_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels")
+INPUT_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
 LOCK_FILE = ".vitreg-batch.lock"
@@ -66,6 +67,19 @@ SUMMARY_FIELDS = (
     "sdlogj",
     "dice_before",
     "dice_after",
+    "qc_flag",
+    "qc_reasons",
+    "head_ncc_before",
+    "head_ncc_after",
+    "jacobian_p1",
+    "jacobian_p99",
+    "affine_scales",
+    "affine_shear",
+    "affine_flip",
+    "affine_fallback",
+    "moving_outside_fov",
+    "fixed_uncovered",
+    "mirror_advantage",
     *INPUT_COLUMNS,
     "warped",
     "flow",
@@ -78,15 +92,33 @@ RecordCallback = Callable[[dict, VitregError | None], None]
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Per-pair records (in CSV order, as written to the summary) and the summary files."""
+    """Per-pair records (in CSV order, as written to the summary), the summary files and the
+    HTML report (None unless asked for)."""
 
     records: list[dict]
     summary_csv: Path
     summary_json: Path
+    report: Path | None = None
 
     @property
     def failed(self) -> list[dict]:
         return [record for record in self.records if record["status"] == "failed"]
+
+    @property
+    def flagged(self) -> dict[str, list[dict]]:
+        """The registered pairs whose QC flag is 'check' or 'fail', by flag."""
+        return {
+            flag: [record for record in self.records if record.get("qc_flag") == flag]
+            for flag in ("check", "fail")
+        }
+
+
+def _csv_cells(record: dict) -> dict:
+    """A record with its lists (QC reasons, affine scales) as one '; '-separated cell each."""
+    return {
+        key: "; ".join(map(str, value)) if isinstance(value, list) else value
+        for key, value in record.items()
+    }
 
 
 def check_counts(prefetch: int, batch_size: int) -> None:
@@ -270,6 +302,8 @@ class _Batch:
         records = self.ordered()
         counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "failed")}
         counts["resumed"] = sum(bool(record.get("resumed")) for record in records)
+        for flag in ("check", "fail"):
+            counts[f"qc_{flag}"] = sum(record.get("qc_flag") == flag for record in records)
         report = {
             "csv": str(self.csv_path),
             "settings": self.record_settings,
@@ -277,7 +311,7 @@ class _Batch:
             "pairs": records,
         }
         write_json(self.out_dir / SUMMARY_JSON, report)
-        write_csv(self.out_dir / SUMMARY_CSV, records, SUMMARY_FIELDS)
+        write_csv(self.out_dir / SUMMARY_CSV, [_csv_cells(r) for r in records], SUMMARY_FIELDS)
 
 
 def register_batch(
@@ -294,13 +328,16 @@ def register_batch(
     on_record: RecordCallback | None = None,
     batch_size: int = 1,
     offline: bool | None = None,
+    report: bool = False,
     **register_options,
 ) -> BatchResult:
     """Register every pair of ``csv_path`` (see :mod:`vitreg.pairs`) into ``out_dir``.
 
     Per pair ``NAME``: ``NAME_warped.nii.gz``, ``NAME_flow.nii.gz`` (ITK), with labels
     ``NAME_warped_labels.nii.gz`` (nearest neighbour), with ``qc`` ``NAME_qc.png``; all on
-    the fixed grid. A pair already finished in ``out_dir`` (its record in summary.json is
+    the fixed grid. Each record holds the pair's QC flag, reasons and indicators
+    (:mod:`vitreg.flags`). ``report``: also write ``report.html`` (:mod:`vitreg.report`;
+    it turns ``qc`` on). A pair already finished in ``out_dir`` (its record in summary.json is
     'ok' with the same input files, sizes, times and settings, and its outputs exist) is
     kept, not redone. While it runs it holds ``out_dir``'s batch lock: a second call on the
     same folder raises a VitregError at once. A thread loads and prepares (affine, framing)
@@ -318,6 +355,7 @@ def register_batch(
     """
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     check_counts(prefetch, batch_size)
+    qc = qc or report
     settings = settings_from(settings, register_options)
     torch_device = choose_device(device)
     pairs = read_pairs(csv_path)
@@ -337,9 +375,11 @@ def register_batch(
         def prepare(pair: Pair) -> ReadyPair:
             loaded = load_pair(pair)
             checked.check_labels(loaded.labels)
+            checked.check_masks(loaded.fixed_mask, loaded.moving_mask)
             prepared = prepare_pair(
-                loaded.fixed, loaded.moving, frame, checked, torch_device, loaded.labels
-            )
+                loaded.fixed, loaded.moving, frame, checked, torch_device, loaded.labels,
+                fixed_mask=loaded.fixed_mask, moving_mask=loaded.moving_mask,
+            )  # fmt: skip
             return ReadyPair(loaded, prepared)
 
         if progress is not None:
@@ -356,7 +396,8 @@ def register_batch(
                     if progress is not None:
                         progress("pairs", done, len(to_do))
         run.write_summary()
-    return BatchResult(run.ordered(), out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON)
+        page = write_report(run.ordered(), csv_path, out_dir) if report else None
+    return BatchResult(run.ordered(), out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON, page)
 
 
 @contextlib.contextmanager

@@ -81,23 +81,42 @@ DiffeoOption = Annotated[
     bool, typer.Option(help="Diffeomorphic: integrate a stationary velocity (no folding).")
 ]
 OfflineOption = Annotated[bool, typer.Option(help="Never download weights.")]
-ReferenceOption = Annotated[
-    Path | None, typer.Option(help="Fixed image: its header is copied (same grid).")
-]
 FlowArgument = Annotated[Path, typer.Argument(help="Flow written by 'vitreg register'.")]
-FlowInFormatOption = Annotated[
+ReadFlowFormatOption = Annotated[
     str,
     typer.Option(
         "--flow-format",
-        help="How FLOW is stored: auto (5D: itk, 4D: voxel), itk (ANTs/SimpleITK, LPS mm), "
-        "voxel (voxels of its grid) or freesurfer (RAS mm, as mri_synthmorph writes).",
+        help="How to read flows: auto (5D: itk, 4D: voxel), itk, voxel or freesurfer (RAS mm, "
+        "as mri_synthmorph writes; 4D like voxel, so it must be named).",
+    ),
+]
+TransformOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "-t",
+        "--transform",
+        metavar="FILE",
+        help="Instead of FLOW: transforms in antsApplyTransforms order, repeated (-t "
+        "PREFIX1Warp.nii.gz -t PREFIX0GenericAffine.mat; \\[affine.mat,1] inverts): "
+        "ITK/ANTs affines and warps, greedy matrices, FreeSurfer .lta files.",
     ),
 ]
 
 
 # register's own options
 FlowFormatOption = Annotated[
-    str, typer.Option(help="itk (ANTs/SimpleITK, LPS mm) or voxel (fixed-grid voxels).")
+    str,
+    typer.Option(
+        help="itk (ANTs/SimpleITK, LPS mm), voxel (fixed-grid voxels) or freesurfer (RAS mm, "
+        "as mri_synthmorph writes; .mgz allowed)."
+    ),
+]
+AntsPrefixOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Also write PREFIX0GenericAffine.mat and PREFIX1Warp.nii.gz (+ "
+        "PREFIX1InverseWarp.nii.gz with --inverse-flow), as antsRegistration names them."
+    ),
 ]
 FixedLabelsOption = Annotated[
     Path | None, typer.Option(help="Fixed label map: report Dice before/after.")
@@ -105,11 +124,23 @@ FixedLabelsOption = Annotated[
 MovingLabelsOption = Annotated[
     Path | None, typer.Option(help="Moving label map: report Dice before/after.")
 ]
+FixedMaskOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Cost-function mask on FIXED's grid (nonzero inside): voxels outside it do not "
+        "drive the registration (lesion, resection cavity, electrodes excluded)."
+    ),
+]
+MovingMaskOption = Annotated[
+    Path | None,
+    typer.Option(help="Cost-function mask on MOVING's grid (nonzero inside), as --fixed-mask."),
+]
 QcPathOption = Annotated[
     Path | None, typer.Option("--qc", help="Also write a QC figure (PNG, see 'vitreg qc').")
 ]
 AffineOutOption = Annotated[
-    Path | None, typer.Option(help="Write the affine as an ITK .mat (ANTs) or .tfm file.")
+    Path | None,
+    typer.Option(help="Write the affine: ITK .mat (ANTs) / .tfm / .txt, or FreeSurfer .lta."),
 ]
 AllowFailureOption = Annotated[
     bool, typer.Option(help="If the affine fails, warn and go on with the centring only.")
@@ -213,8 +244,11 @@ def register(
     smoothness: SmoothnessOption = 5.0,
     device: DeviceOption = "auto",
     flow_format: FlowFormatOption = "itk",
+    ants_prefix: AntsPrefixOption = None,
     fixed_labels: FixedLabelsOption = None,
     moving_labels: MovingLabelsOption = None,
+    fixed_mask: FixedMaskOption = None,
+    moving_mask: MovingMaskOption = None,
     qc: QcPathOption = None,
     offline: OfflineOption = False,
     affine: AffineOption = True,
@@ -237,7 +271,8 @@ def register(
     in world space already); the written flow includes it, so WARPED is one resampling of
     MOVING and the ITK flow applies alone with antsApplyTransforms -t flow.nii.gz. Outputs
     carry FIXED's header; --inverse-flow carries MOVING's. The table shows the files
-    written, NCC and Dice before → after, folding and the time; --json adds every setting.
+    written, NCC and Dice before → after, folding, the time and the QC flag (ok, check or
+    fail, with its reasons); --json adds the QC indicators and every setting.
 
     Without a trained checkpoint installed (the default's case today), the field comes from
     test-time optimisation alone: the greedy optimiser (local NCC, Gaussian-smoothed updates,
@@ -274,8 +309,13 @@ def register(
             dice_weight=dice_weight,
             **_given(window=window, sigma_update=sigma_update, sigma_field=sigma_field),
         )
-        pair = Pair(0, moving.name, fixed, moving, fixed_labels, moving_labels)
-        paths = OutputPaths(output, flow, flow_format, inverse_flow, affine_out, qc=qc)
+        pair = Pair(
+            0, moving.name, fixed, moving, fixed_labels, moving_labels,
+            fixed_mask=fixed_mask, moving_mask=moving_mask,
+        )  # fmt: skip
+        paths = OutputPaths(
+            output, flow, flow_format, inverse_flow, affine_out, qc=qc, ants_prefix=ants_prefix
+        )
         header = f"registering {moving} (moving) to {fixed} (fixed), weights {weights}"
         with stage_progress(quiet, _with_fallback_note(header, weights)) as progress:
             result = register_pair(
@@ -309,6 +349,7 @@ def _show_registration(result, paths, weights: str, settings, as_json: bool, qui
     rows.append(("Dice", _change(summary.get("dice_before"), summary.get("dice_after"), 3)))
     rows.append(("% folding (det J ≤ 0)", f"{summary['percent_nonpositive']:.4f}"))
     rows.append(("seconds", f"{summary['seconds']:.1f} on {summary['device']}"))
+    rows.append(("QC flag", "; ".join([summary["qc_flag"], *summary["qc_reasons"]])))
     show_result("vitreg register", rows, report, as_json, quiet)
 
 
@@ -317,7 +358,8 @@ def register_batch(
     pairs: Annotated[
         Path,
         typer.Argument(
-            help="CSV with columns fixed,moving[,name|id][,fixed_labels,moving_labels]; "
+            help="CSV with columns fixed,moving[,name|id][,fixed_labels,moving_labels]"
+            "[,fixed_mask][,moving_mask] (cost-function masks, as register's --fixed-mask); "
             "relative paths are read from the CSV's folder."
         ),
     ],
@@ -330,6 +372,14 @@ def register_batch(
     smoothness: SmoothnessOption = 5.0,
     device: DeviceOption = "auto",
     qc: Annotated[bool, typer.Option("--qc", help="Also write NAME_qc.png per pair.")] = False,
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report",
+            help="Also write OUT_DIR/report.html: every pair's QC figure, indicators and flag, "
+            "flagged pairs first, and the failed rows (implies --qc; opens offline).",
+        ),
+    ] = False,
     affine: AffineOption = True,
     diffeo: DiffeoOption = False,
     prefetch: PrefetchOption = 2,
@@ -348,14 +398,16 @@ def register_batch(
     (ITK), NAME_warped_labels.nii.gz (labels given).
 
     OUT_DIR/summary.csv and summary.json: seconds, NCC, folding (% det J <= 0 in the
-    fixed head), SDlogJ and Dice per pair. A rerun (after Ctrl-C, a crash) skips the pairs
-    already finished. One run at a time per OUT_DIR: a second one stops at once.
+    fixed head), SDlogJ, Dice and the QC flag (ok, check or fail) with its reasons and
+    indicators per pair; the number of flagged pairs is printed. A rerun (after Ctrl-C, a
+    crash) skips the pairs already finished. One run at a time per OUT_DIR: a second one
+    stops at once.
 
     A failing pair is reported with its CSV line and the others go on; the exit code is
     then 1 (2 for a usage error such as a bad CSV header).
 
     [bold]Example:[/bold] vitreg register-batch examples/pairs.csv --out-dir results
-    --iterations 10,5,0
+    --iterations 10,5,0 --report
     """
     resumes = (
         f"the pairs finished are recorded in {out_dir / 'summary.csv'}; the same command resumes"
@@ -379,20 +431,32 @@ def register_batch(
             result = run_batch(
                 pairs, out_dir, weights, settings=settings, device=device, qc=qc,
                 prefetch=prefetch, batch_size=batch_size, progress=progress,
-                on_record=show_failure, offline=offline or None,
+                on_record=show_failure, offline=offline or None, report=report,
             )  # fmt: skip
     if as_json:
         print(result.summary_json.read_text().strip())
     elif not quiet:
-        columns = ("row", "name", "status", "seconds", "percent_nonpositive", "dice_after")
+        columns = ("row", "name", "status", "qc_flag", "seconds", "percent_nonpositive")
         rows = [
             [record.get(column, "") for column in columns]
+            + [record.get("dice_after", "")]
             + ["ok (earlier run)" if record["resumed"] else record["error"]]
             for record in result.records
         ]
-        titles = ["row", "name", "status", "seconds", "% folding", "Dice after", "note"]
+        titles = ["row", "name", "status", "QC", "seconds", "% folding", "Dice after", "note"]
         show_table("vitreg register-batch", titles, rows)
         say(quiet, f"summary: {result.summary_csv} and {result.summary_json}")
+        if result.report is not None:
+            say(quiet, f"report: {result.report}")
+    flagged = result.flagged
+    registered = len(result.records) - len(result.failed)
+    count = len(flagged["check"]) + len(flagged["fail"])
+    say(
+        quiet,
+        f"QC: {count} of {registered} registered pairs flagged ({len(flagged['fail'])} fail, "
+        f"{len(flagged['check'])} check)",
+        "yellow" if count else "",
+    )
     if result.failed:
         say(quiet, f"{len(result.failed)} of {len(result.records)} pairs failed", "red")
         raise typer.Exit(BATCH_FAILED_EXIT_CODE)
@@ -410,6 +474,7 @@ def qc(
     ] = None,
     title: Annotated[str | None, typer.Option(help="Figure title (default: file names).")] = None,
     dpi: Annotated[int, typer.Option(help="Resolution (pixels per inch of a 2.1 in panel).")] = 90,
+    flow_format: ReadFlowFormatOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -425,7 +490,7 @@ def qc(
     with user_errors():
         from vitreg.qc import qc_files
 
-        path = qc_files(fixed, moving, warped, output, flow, title, dpi)
+        path = qc_files(fixed, moving, warped, output, flow, title, dpi, flow_format)
         show_result("vitreg qc", [("wrote", str(path))], {"qc": str(path)}, as_json, quiet)
 
 
@@ -435,7 +500,9 @@ def evaluate(
         Path,
         typer.Argument(
             help="CSV with columns fixed, moving [, fixed_labels, moving_labels, true_flow, "
-            "mask, lut, set, name]; paths relative to the CSV."
+            "mask, lut, set, name, fixed_mask, moving_mask]; paths relative to the CSV (mask: "
+            "where folding and errors are measured; fixed_mask/moving_mask: cost-function "
+            "masks, as register's --fixed-mask)."
         ),
     ],
     out: Annotated[
@@ -518,54 +585,83 @@ def _show_evaluation(summary: dict, groups: bool) -> None:
             show_table(title, ["structure", "Dice"], rows)
 
 
+OptionalFlowArgument = Annotated[
+    Path | None,
+    typer.Argument(help="Flow written by 'vitreg register' (or ANTs, greedy, SynthMorph)."),
+]
+
+
 @app.command()
 def warp(
     image: Annotated[Path, typer.Argument(help="Image to warp (on any grid).")],
-    flow: FlowArgument,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Warped image.")],
-    reference: ReferenceOption = None,
-    flow_format: FlowInFormatOption = "auto",
+    flow: OptionalFlowArgument = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Warped image.")] = ...,
+    transform: TransformOption = None,
+    flow_format: ReadFlowFormatOption = "auto",
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Output grid (with -t), or the fixed image whose header is copied."),
+    ] = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Apply a saved flow to IMAGE (trilinear); the output lies on the flow's (fixed) grid.
+    """Apply a saved flow, or a list of transforms (-t, as antsApplyTransforms), to IMAGE
+    (trilinear); the output lies on the flow's grid (with -t: --reference's, else the first
+    warp's).
 
     [bold]Example:[/bold] vitreg warp examples/moving.nii.gz flow.nii.gz
     -o moving_on_fixed.nii.gz --reference examples/fixed.nii.gz
     """
     with user_errors():
-        from vitreg.field import warp_image_file
+        from vitreg.exchange import warp_image_with
 
-        path = warp_image_file(image, flow, output, reference, device, flow_format)
-        data = {"image": str(image), "flow": str(flow), "warped": str(path)}
+        path = warp_image_with(image, output, flow, transform or (), reference, flow_format, device)
+        data = {"image": str(image), "flow": _flow_text(flow, transform), "warped": str(path)}
         show_result("vitreg warp", [("wrote", str(path))], data, as_json, quiet)
+
+
+def _flow_text(flow: Path | None, transforms: list[str] | None) -> str:
+    """The flow file, or the transform list as antsApplyTransforms' arguments."""
+    return str(flow) if flow is not None else " ".join(f"-t {t}" for t in transforms or ())
 
 
 @app.command("warp-labels")
 def warp_labels(
     labels: Annotated[Path, typer.Argument(help="Integer label map (e.g. aseg.mgz).")],
-    flow: FlowArgument,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Warped label map.")],
+    flow: OptionalFlowArgument = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Warped label map.")] = ...,
+    transform: TransformOption = None,
+    flow_format: ReadFlowFormatOption = "auto",
     method: Annotated[
         str, typer.Option(help="nearest, or linear (one-hot trilinear then argmax).")
     ] = "nearest",
-    reference: ReferenceOption = None,
-    flow_format: FlowInFormatOption = "auto",
+    reference: Annotated[
+        Path | None,
+        typer.Option(help="Output grid (with -t), or the fixed image whose header is copied."),
+    ] = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Warp a label map with a saved flow; keeps the label values and integer type.
+    """Warp a label map with a saved flow or a list of transforms (-t, as
+    antsApplyTransforms); keeps the label values and integer type.
 
     [bold]Example:[/bold] vitreg warp-labels examples/moving_labels.nii.gz flow.nii.gz
     -o warped_labels.nii.gz --method linear
     """
     with user_errors():
-        from vitreg.field import warp_labels_file
+        from vitreg.exchange import warp_labels_with
 
-        path = warp_labels_file(labels, flow, output, method, reference, device, flow_format)
-        data = {"labels": str(labels), "flow": str(flow), "warped": str(path), "method": method}
+        path = warp_labels_with(
+            labels, output, flow, transform or (), method, reference, flow_format, device
+        )
+        data = {
+            "labels": str(labels),
+            "flow": _flow_text(flow, transform),
+            "warped": str(path),
+            "method": method,
+        }
         show_result("vitreg warp-labels", [("wrote", str(path))], data, as_json, quiet)
 
 
@@ -574,7 +670,7 @@ def jacobian(
     flow: FlowArgument,
     output: Annotated[Path, typer.Option("-o", "--output", help="Jacobian determinant map.")],
     mask: Annotated[Path | None, typer.Option(help="Only count voxels inside this mask.")] = None,
-    flow_format: FlowInFormatOption = "auto",
+    flow_format: ReadFlowFormatOption = "auto",
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:

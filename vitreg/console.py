@@ -46,6 +46,7 @@ FLAGS = {
     "labels": "--fixed-labels and --moving-labels",
     "csv_out": "--csv",
     "out_dir": "--out-dir",
+    "transforms": "-t/--transform",
 }
 """Library parameters whose flag is not ``--`` + the name with dashes."""
 

@@ -262,7 +262,8 @@ def evaluate(
         def run(loaded: LoadedPair = loaded) -> DisplacementField:
             registration = register(
                 loaded.fixed, loaded.moving, model, frame, device=device_name,
-                progress=progress, settings=settings,
+                progress=progress, settings=settings, fixed_mask=loaded.fixed_mask,
+                moving_mask=loaded.moving_mask,
             )  # fmt: skip
             return registration.field
 
@@ -299,6 +300,8 @@ def evaluate_csv(
     choose_device(device)
     pairs = read_pairs(csv_path)
     check_pairs(pairs)
+    for pair in pairs:
+        settings.check_masks(pair.fixed_mask, pair.moving_mask)
     network, frame = load_model(model, frame, offline)
     results = evaluate(pairs, network, frame, settings, device, progress)
     summary = summarise(results)

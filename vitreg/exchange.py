@@ -24,8 +24,16 @@ import torch
 
 from vitreg.affine import AFFINE_SUFFIXES, check_affine_path, load_affine, save_affine
 from vitreg.errors import OptionError, VitregError
-from vitreg.field import FLOW_FORMATS, DisplacementField, load_flow, save_flow
-from vitreg.image import IMAGE_SUFFIXES, Volume, atomic_path, check_writable
+from vitreg.field import (
+    FLOW_FORMATS,
+    LABEL_METHODS,
+    DisplacementField,
+    load_flow,
+    save_flow,
+    warp_image_file,
+    warp_labels_file,
+)
+from vitreg.image import IMAGE_SUFFIXES, Volume, atomic_path, check_writable, load_image
 from vitreg.register import Registration, invert
 from vitreg.transform import identity_grid, sample
 
@@ -386,3 +394,64 @@ def field_from_transforms(
         else:
             points = apply_affine_to_points(step, points)
     return DisplacementField(disp_mm=points - start, grid=reference)
+
+
+# ----------------------------------------------------------------------------------------
+# Applying a flow or a transform list to files (``vitreg warp`` and ``warp-labels``)
+
+
+def field_to_apply(
+    flow: str | Path | None = None,
+    transforms: Sequence[str | Path] = (),
+    reference: str | Path | None = None,
+    flow_format: str = "auto",
+) -> DisplacementField:
+    """The pull field that ``vitreg warp`` applies: a flow file (vitreg's, ANTs', greedy's,
+    SimpleITK's, SynthMorph's with ``flow_format`` 'freesurfer'; with ``reference``'s header
+    after a grid check), or else an ANTs-style ``transforms`` list (see
+    :func:`field_from_transforms`; ``reference`` is then the output grid). Exactly one of
+    the two must be given."""
+    if (flow is None) == (not transforms):
+        raise VitregError(
+            "give a flow file or {transforms} files (e.g. -t warp.nii.gz -t affine.mat): "
+            + ("not both" if flow is not None else "neither was given")
+        )
+    if flow is not None:
+        return load_flow(flow, flow_format, reference=reference)
+    grid = load_image(reference) if reference is not None else None
+    return field_from_transforms(transforms, grid, flow_format)
+
+
+def warp_image_with(
+    image: str | Path,
+    output: str | Path,
+    flow: str | Path | None = None,
+    transforms: Sequence[str | Path] = (),
+    reference: str | Path | None = None,
+    flow_format: str = "auto",
+    device: str = "auto",
+) -> Path:
+    """``vitreg warp``: an image file warped (trilinear) by a flow file or a transform list
+    (:func:`field_to_apply`) onto its grid, written as float32."""
+    check_writable(output)
+    field = field_to_apply(flow, transforms, reference, flow_format)
+    return warp_image_file(image, field, output, device=device)
+
+
+def warp_labels_with(
+    labels: str | Path,
+    output: str | Path,
+    flow: str | Path | None = None,
+    transforms: Sequence[str | Path] = (),
+    method: str = "nearest",
+    reference: str | Path | None = None,
+    flow_format: str = "auto",
+    device: str = "auto",
+) -> Path:
+    """``vitreg warp-labels``: a label map warped by a flow file or a transform list
+    (:func:`field_to_apply`), ``method`` 'nearest' or 'linear', values and type kept."""
+    if method not in LABEL_METHODS:
+        raise OptionError("method", method, f"expected {' or '.join(LABEL_METHODS)}")
+    check_writable(output)
+    field = field_to_apply(flow, transforms, reference, flow_format)
+    return warp_labels_file(labels, field, output, method, device=device)

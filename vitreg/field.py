@@ -209,7 +209,7 @@ def warp_labels_linear(
 
 def warp_image_file(
     image: str | Path,
-    flow: str | Path,
+    flow: str | Path | DisplacementField,
     output: str | Path,
     reference: str | Path | None = None,
     device: str = "auto",
@@ -217,10 +217,10 @@ def warp_image_file(
 ) -> Path:
     """``vitreg warp``: warp an image file (any grid) with a saved flow onto the flow's grid
     (trilinear), written as float32 with ``reference``'s header (an image on that grid).
-    ``flow_format``: how the flow is stored (see :func:`load_flow`)."""
+    ``flow``: a flow file (read with ``flow_format``, see :func:`load_flow`) or a field."""
     torch_device = choose_device(device)
     check_writable(output)
-    field = load_flow(flow, flow_format, reference=reference)
+    field = _field(flow, flow_format, reference)
     warped = warp_image(load_image(image), field, torch_device)
     return save(output, warped.astype("float32"), field.grid)
 
@@ -228,23 +228,32 @@ def warp_image_file(
 LABEL_METHODS = ("nearest", "linear")
 
 
+def _field(
+    flow: str | Path | DisplacementField, flow_format: str, reference: str | Path | None
+) -> DisplacementField:
+    """A flow file read (with ``reference``'s header after a grid check), or a field as is."""
+    if isinstance(flow, DisplacementField):
+        return flow
+    return load_flow(flow, flow_format, reference=reference)
+
+
 def warp_labels_file(
     labels: str | Path,
-    flow: str | Path,
+    flow: str | Path | DisplacementField,
     output: str | Path,
     method: str = "nearest",
     reference: str | Path | None = None,
     device: str = "auto",
     flow_format: str = "auto",
 ) -> Path:
-    """``vitreg warp-labels``: warp a label map file with a saved flow, keeping its values and
-    integer type; ``method`` 'nearest' or 'linear' (one-hot trilinear, then argmax);
-    ``flow_format``: how the flow is stored (see :func:`load_flow`)."""
+    """``vitreg warp-labels``: warp a label map file with a saved flow (read with
+    ``flow_format``) or a field, keeping its values and integer type; ``method`` 'nearest' or
+    'linear' (one-hot trilinear, then argmax)."""
     if method not in LABEL_METHODS:
         raise OptionError("method", method, f"expected {' or '.join(LABEL_METHODS)}")
     torch_device = choose_device(device)
     check_writable(output)
-    field = load_flow(flow, flow_format, reference=reference)
+    field = _field(flow, flow_format, reference)
     source = load_labels(labels)
     warp = warp_labels_linear if method == "linear" else warp_labels_nearest
     warped = warp(source, field, torch_device)

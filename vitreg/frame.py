@@ -192,6 +192,20 @@ def frame_labels(
     return sample_labels(source.long(), coords)
 
 
+def frame_mask(
+    frame: ModelFrame, mask: Volume, grid_affine: np.ndarray, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A binary mask (nonzero inside) read onto the frame grid ``grid_affine``: trilinear
+    interpolation of inside = 1, outside = 0, kept where it exceeds 0.5 (so a mask on a
+    coarser grid gives smooth edges rather than blocks).
+
+    Returns (1, 1, D, H, W) float32 of 0 and 1; 0 outside the source grid.
+    """
+    inside = (np.asarray(mask.data) > 0).astype(np.float32)
+    share = resample(inside, mask.affine, grid_affine, frame.shape, device)
+    return (share > 0.5).float()
+
+
 def flow_to_native_mm(
     flow_vox: torch.Tensor, frame_grid_affine: np.ndarray, fixed: Volume
 ) -> torch.Tensor:

@@ -76,6 +76,14 @@ def box_sum(volume: torch.Tensor, window: int) -> torch.Tensor:
 def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9) -> torch.Tensor:
     """Negative mean squared local NCC (VoxelMorph NCC) of (B, 1, D, H, W) images, in [-1, 0].
 
+    The mean over voxels of :func:`local_ncc_map`.
+    """
+    return -torch.mean(local_ncc_map(fixed, warped, window))
+
+
+def local_ncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9) -> torch.Tensor:
+    """Squared local NCC at every voxel of (B, 1, D, H, W) images: (B, 1, D, H, W) in [0, 1].
+
     Window sums over a ``window``^3 box with zero padding ``window // 2``; per voxel
     cc = cross^2 / (var_fixed * var_warped + 1e-5) with sums (not means) as in VoxelMorph.
     """
@@ -90,8 +98,7 @@ def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9) -> tor
     cross = sum_ij - mean_j * sum_i - mean_i * sum_j + mean_i * mean_j * n_voxels
     var_i = sum_i2 - 2 * mean_i * sum_i + mean_i * mean_i * n_voxels
     var_j = sum_j2 - 2 * mean_j * sum_j + mean_j * mean_j * n_voxels
-    cc = cross * cross / (var_i * var_j + NCC_STABILISER)
-    return -torch.mean(cc)
+    return (cross * cross / (var_i * var_j + NCC_STABILISER)).unsqueeze(1)
 
 
 def diffusion(flow_vox: torch.Tensor) -> torch.Tensor:

@@ -238,7 +238,10 @@ class NccWorkspace:
 
 
 def ncc_gradient_(
-    windows: FixedWindows, warped: torch.Tensor, work: NccWorkspace
+    windows: FixedWindows,
+    warped: torch.Tensor,
+    work: NccWorkspace,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The gradient of the summed local NCC with respect to ``warped`` (1, 1, D, H, W), and
     the mean NCC.
@@ -248,7 +251,9 @@ def ncc_gradient_(
     intensity at one of its voxels as ``a (f - mean_f) - b (w - mean_w)``, with
     ``a = 2 cross / (var_f var_w)`` and ``b = a cross / var_w``; summed over the windows that
     hold the voxel this is ``f box(a) - box(a mean_f) - w box(b) + box(b mean_w)``.
-    Returns ``work.gradient`` (1, 1, D, H, W) and the mean cc over voxels.
+    ``weight`` (1, 1, D, H, W) in [0, 1], e.g. a cost-function mask: the summed NCC is then
+    sum(weight x cc) over the window centres (``a`` and ``b`` are weighted) and the mean NCC
+    is weighted the same way. Returns ``work.gradient`` (1, 1, D, H, W) and the mean cc.
     """
     count = float(windows.window**3)
     sums = work.sums
@@ -263,9 +268,15 @@ def ncc_gradient_(
     a, a_mean, b, b_mean = (work.terms[:, i : i + 1] for i in range(4))
     torch.mul(windows.variance, var_w, out=a).add_(NCC_EPSILON)  # the denominator, for now
     torch.mul(cross, cross, out=b).div_(a)
-    score = float(b.mean())
+    if weight is None:
+        score = float(b.mean())
+    else:  # work.gradient is free until the end: scratch for the weighted cc
+        score = float(torch.mul(b, weight, out=work.gradient).sum() / weight.sum().clamp(1e-6))
     torch.div(cross, a, out=a).mul_(2.0)
     torch.mul(a, cross, out=b).div_(var_w.add_(NCC_EPSILON))
+    if weight is not None:
+        a.mul_(weight)
+        b.mul_(weight)
     torch.mul(a, windows.mean, out=a_mean)
     torch.mul(b, mean_w, out=b_mean)
     terms = box_sum_(work.terms, work.scratch, windows.window)
@@ -274,10 +285,15 @@ def ncc_gradient_(
     return gradient, score
 
 
-def ncc_gradient(fixed: torch.Tensor, warped: torch.Tensor, window: int = 5):
+def ncc_gradient(
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    window: int = 5,
+    weight: torch.Tensor | None = None,
+):
     """:func:`ncc_gradient_` with fresh buffers: (gradient (1, 1, D, H, W), mean NCC)."""
     work = NccWorkspace(fixed.shape[2:], fixed.device, fixed.dtype)
-    gradient, score = ncc_gradient_(FixedWindows.of(fixed, window), warped, work)
+    gradient, score = ncc_gradient_(FixedWindows.of(fixed, window), warped, work, weight)
     return gradient.clone(), score
 
 
@@ -338,16 +354,43 @@ def _shrink(image: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(image, size=[n // factor for n in image.shape[2:]], mode="area")
 
 
+@dataclass(frozen=True)
+class CostMasks:
+    """Where the similarity is measured: ``fixed`` and ``moving``, each (1, 1, D, H, W) on the
+    frame grid with 1 inside and 0 outside (fractions allowed), or None for everywhere. The
+    moving one lies on the frame grid as the moving image does and is read through the field
+    with it. Voxels outside either drive no update: the field there follows from the
+    smoothing of its surroundings."""
+
+    fixed: torch.Tensor | None = None
+    moving: torch.Tensor | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.fixed is not None or self.moving is not None
+
+
 class _Level:
     """One level's images and buffers: the fixed box's ``windows``, the whole ``moving``
-    frame at this level, and where the box's voxels lie in it (``base``, grid_sample's form)."""
+    frame at this level (with the moving mask as a second channel, so that one grid_sample
+    reads both), and where the box's voxels lie in it (``base``, grid_sample's form)."""
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, region: Region, factor: int,
-                 schedule: GreedySchedule, field_shape: Sequence[int]) -> None:  # fmt: skip
+                 schedule: GreedySchedule, field_shape: Sequence[int],
+                 masks: CostMasks = CostMasks()) -> None:  # fmt: skip
         box = region.crop(_shrink(fixed, factor), factor).contiguous()
         self.windows = FixedWindows.of(box, schedule.window)
+        self.moving_masked = masks.moving is not None
+        if self.moving_masked:
+            moving = torch.cat([moving, masks.moving.to(moving.dtype)], dim=1)
         self.moving = _shrink(moving, factor)
         device, dtype = fixed.device, fixed.dtype
+        # A block's share of mask voxels (not a thresholded one): the weight of its NCC term.
+        self.fixed_weight = None
+        if masks.fixed is not None:
+            shrunk = _shrink(masks.fixed.to(dtype), factor)
+            self.fixed_weight = region.crop(shrunk, factor).contiguous()
+        self.weight = torch.empty_like(box) if masks.any else None
         offset = torch.tensor([s // factor for s in region.start], device=device, dtype=dtype)
         origin = identity_grid(box.shape[2:], device, dtype) + offset.view(1, 3, 1, 1, 1)
         # grid_sample's locations (1, d, h, w, 3), last array axis first, corners at -1 and 1:
@@ -375,8 +418,12 @@ class _Level:
                 alpha=self.scale[axis],
                 out=self.locations[..., 2 - axis],
             )
-        warped = F.grid_sample(self.moving, self.locations, align_corners=True)
-        gradient, _ = ncc_gradient_(self.windows, warped, self.ncc)
+        sampled = F.grid_sample(self.moving, self.locations, align_corners=True)
+        warped = sampled[:, :1]
+        weight = self._weight(sampled)
+        gradient, _ = ncc_gradient_(self.windows, warped, self.ncc, weight)
+        if weight is not None:
+            gradient.mul_(weight)  # and no update at the masked voxels themselves
         direction = spatial_gradient_(warped, self.image_direction).mul_(gradient)
         if self.field_voxel != 1:
             direction = F.interpolate(direction, size=state.shape[2:], mode="area")
@@ -392,6 +439,16 @@ class _Level:
             state.copy_(smoothed_state)
         return state
 
+    def _weight(self, sampled: torch.Tensor) -> torch.Tensor | None:
+        """The masks' weight of each box voxel (1, 1, d, h, w) in ``self.weight``, or None:
+        the fixed mask's share times the moving mask read through the field (channel 1 of
+        ``sampled``)."""
+        if self.weight is None:
+            return None
+        if self.moving_masked and self.fixed_weight is not None:
+            return torch.mul(sampled[:, 1:2], self.fixed_weight, out=self.weight)
+        return self.weight.copy_(sampled[:, 1:2] if self.moving_masked else self.fixed_weight)
+
     def _spare(self, busy: torch.Tensor) -> torch.Tensor:
         """Whichever of the two field-sized buffers is not ``busy``."""
         return self.scratch if busy is self.direction else self.direction
@@ -403,13 +460,17 @@ def greedy_optimize(
     initial_vox: torch.Tensor,
     schedule: GreedySchedule = GreedySchedule(),
     progress: Progress | None = None,
+    masks: CostMasks = CostMasks(),
 ) -> torch.Tensor:
     """Refine a field by greedy local-NCC optimisation (see the module docstring).
 
     ``fixed``/``moving``: (1, 1, D, H, W) frame images in [0, 1]; ``initial_vox``: (1, 3, D,
-    H, W) voxels, the starting displacement (a velocity when ``schedule.diffeo``). Returns the
-    optimised state, (1, 3, D, H, W) voxels of the frame grid, of the same kind as
-    ``initial_vox``; outside the box around the fixed foreground it extends the box's edges.
+    H, W) voxels, the starting displacement (a velocity when ``schedule.diffeo``); ``masks``:
+    where the similarity counts (:class:`CostMasks`; each NCC term is weighted by the fixed
+    mask's share at its level times the moving mask read through the field, and so is the
+    update at each voxel). Returns the optimised state, (1, 3, D, H, W) voxels of the frame
+    grid, of the same kind as ``initial_vox``; outside the box around the fixed foreground it
+    extends the box's edges.
     """
     shape = fixed.shape[2:]
     coarsest = max(schedule.levels) * (2 if schedule.coarse_field else 1)
@@ -429,7 +490,7 @@ def greedy_optimize(
             if schedule.coarse_field and factor == 1:
                 field_shape = [n // 2 for n in field_shape]
             state = resize_flow(state, field_shape, align_corners=False).contiguous()
-            level = _Level(fixed, moving, region, factor, schedule, field_shape)
+            level = _Level(fixed, moving, region, factor, schedule, field_shape, masks)
             for _ in range(iterations):
                 state = level.step(state, schedule)
                 done += 1

@@ -7,7 +7,9 @@ moving file: see :func:`_derived_names`), ``fixed_labels`` and ``moving_labels``
 (label maps on the images' grids, both or neither), ``true_flow`` (the ground-truth pull field
 on the fixed grid, a flow file :func:`vitreg.field.load_flow` reads), ``mask`` (on the fixed
 grid: where folding, end-point error and correlation are measured; default the fixed head's
-foreground), ``lut`` (label names, 'index name' lines; default FreeSurfer's), ``set`` (the
+foreground), ``fixed_mask`` and ``moving_mask`` (cost-function masks on each image's own grid,
+nonzero inside: voxels outside them do not drive the registration; lesions, resection
+cavities, electrodes), ``lut`` (label names, 'index name' lines; default FreeSurfer's), ``set`` (the
 group a pair is summarised in; default 'all') and ``split`` (for training: train, val or
 test; default train). Other columns are ignored; column names ignore case; relative
 paths are read from the CSV file's folder; blank rows are skipped.
@@ -35,7 +37,17 @@ from vitreg.frame import foreground_mask
 from vitreg.image import IMAGE_SUFFIXES, Volume, load_image, load_labels
 from vitreg.labels import FREESURFER_ASEG, read_lut
 
-PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "true_flow", "mask", "lut")
+PATH_COLUMNS = (
+    "fixed",
+    "moving",
+    "fixed_labels",
+    "moving_labels",
+    "true_flow",
+    "mask",
+    "lut",
+    "fixed_mask",
+    "moving_mask",
+)
 NAME_COLUMNS = ("name", "id")
 
 
@@ -56,6 +68,8 @@ class Pair:
     true_flow: Path | None = None
     mask: Path | None = None
     lut: Path | None = None
+    fixed_mask: Path | None = None
+    moving_mask: Path | None = None
     set: str = "all"
     split: str = "train"
     source: Path | None = None
@@ -185,6 +199,8 @@ class LoadedPair:
     ``labels``: (fixed, moving) label maps or None. ``true_field``: the true pull field or
     None. ``mask``: (X, Y, Z) bool on the fixed grid, the given mask or else the fixed head's
     foreground, never empty. ``names``: label names (the LUT's, else FreeSurfer's).
+    ``fixed_mask``/``moving_mask``: the cost-function masks (on the fixed and the moving
+    grid, not empty), or None.
     """
 
     pair: Pair
@@ -194,6 +210,8 @@ class LoadedPair:
     true_field: DisplacementField | None
     mask: np.ndarray
     names: dict[int, str]
+    fixed_mask: Volume | None = None
+    moving_mask: Volume | None = None
 
 
 def load_pair(pair: Pair) -> LoadedPair:
@@ -219,7 +237,22 @@ def load_pair(pair: Pair) -> LoadedPair:
     if not mask.any():
         raise VitregError(f"{pair.mask or pair.fixed}: the mask is empty")
     names = read_lut(pair.lut) if pair.lut is not None else FREESURFER_ASEG
-    return LoadedPair(pair, fixed, moving, labels, true_field, mask, names)
+    fixed_mask = load_cost_mask(pair.fixed_mask, fixed, "fixed_mask")
+    moving_mask = load_cost_mask(pair.moving_mask, moving, "moving_mask")
+    return LoadedPair(pair, fixed, moving, labels, true_field, mask, names, fixed_mask, moving_mask)
+
+
+def load_cost_mask(path: Path | None, image: Volume, role: str) -> Volume | None:
+    """A cost-function mask read and checked against its ``image``'s grid (nonzero inside),
+    or None without a path; a VitregError names the file when it lies on another grid or
+    holds no voxel inside."""
+    if path is None:
+        return None
+    mask = load_labels(path)
+    check_same_grid(image, mask)
+    if not (mask.data > 0).any():
+        raise VitregError(f"{path}: the {role.replace('_', ' ')} is empty (no nonzero voxel)")
+    return mask
 
 
 def _stem(path: Path) -> str:

@@ -311,13 +311,17 @@ def qc_files(
     flow: str | Path | None = None,
     title: str | None = None,
     dpi: int = 90,
+    flow_format: str = "auto",
 ) -> Path:
-    """``vitreg qc``: :func:`qc_figure` of image files; ``flow`` is read on the fixed grid."""
+    """``vitreg qc``: :func:`qc_figure` of image files; ``flow`` is read on the fixed grid
+    (:func:`vitreg.field.load_flow` with ``flow_format``)."""
     if not 20 <= dpi <= 600:
         raise OptionError("dpi", dpi, "expected 20 to 600")
     check_png_writable(output)
     fixed_volume = load_image(fixed)
-    field = load_flow(flow, reference=fixed_volume) if flow is not None else None
+    field = None
+    if flow is not None:
+        field = load_flow(flow, flow_format, reference=fixed_volume)
     return qc_figure(
         output, fixed_volume, load_image(moving), load_image(warped), field, title, dpi
     )

@@ -10,15 +10,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vitreg.affine import estimate_affine, in_fixed_world
+from vitreg.affine import estimate_affine, in_fixed_world, mirror_advantage
 from vitreg.device import choose_device
 from vitreg.errors import OptionError, VitregError
 from vitreg.field import DisplacementField, affine_displacement, warp_image, with_affine
-from vitreg.frame import ModelFrame, flow_to_native_mm, frame_labels, frame_pair
+from vitreg.frame import (
+    ModelFrame,
+    flow_to_native_mm,
+    foreground_mask,
+    frame_labels,
+    frame_mask,
+    frame_pair,
+)
 from vitreg.image import Volume
-from vitreg.losses import local_ncc, regularizer_function, similarity_function
+from vitreg.losses import local_ncc_map, regularizer_function, similarity_function
 from vitreg.nets.vitvnet import VitVNet
 from vitreg.optimize import (
+    CostMasks,
     GreedySchedule,
     check_levels,
     greedy_optimize,
@@ -65,9 +73,14 @@ class Registration:
     ``u`` in the model frame, (1, 3, D, H, W) voxels of the grid ``frame_affine``;
     ``velocity_vox``: the stationary velocity whose exponential is ``flow_vox`` (diffeomorphic
     mode), else None. ``ncc_before`` and ``ncc_after``: mean local (9^3) squared NCC of the
-    framed pair (after the affine), without and with ``u``. ``warnings``: for the user.
-    ``network``: whether a network predicted ``u`` first; ``optimisation``: what refined it
-    (``optimizer``, ``levels``, ``iterations``; empty when nothing did).
+    framed pair (after the affine), without and with ``u``; ``head_ncc_before`` and
+    ``head_ncc_after``: the same over the fixed head's voxels only (inside the fixed
+    cost-function mask when one was given). ``mirror_advantage``: how much better the
+    left-right mirrored moving image fits after its own affine
+    (:func:`vitreg.affine.mirror_advantage`), None without a successful affine.
+    ``warnings``: for the user. ``network``: whether a network predicted ``u`` first;
+    ``optimisation``: what refined it (``optimizer``, ``levels``, ``iterations``; empty when
+    nothing did).
     """
 
     warped: np.ndarray
@@ -85,6 +98,9 @@ class Registration:
     warnings: tuple[str, ...] = ()
     network: bool = False
     optimisation: dict = dataclasses.field(default_factory=dict)
+    head_ncc_before: float | None = None
+    head_ncc_after: float | None = None
+    mirror_advantage: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,27 +131,35 @@ def predict_flow(
 
 
 def pre_align(
-    fixed: Volume, moving: Volume, allow_failure: bool = False
-) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
-    """Affine pre-alignment (RAS 4x4 fixed world -> moving world), its stages and warnings.
+    fixed: Volume,
+    moving: Volume,
+    allow_failure: bool = False,
+    fixed_mask: Volume | None = None,
+    moving_mask: Volume | None = None,
+) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...], float | None]:
+    """Affine pre-alignment (RAS 4x4 fixed world -> moving world), its stages and warnings,
+    and how much better the left-right mirrored moving image fits
+    (:func:`vitreg.affine.mirror_advantage`; None where the affine failed).
 
     A failure raises VitregError naming both files, unless ``allow_failure``: then the
-    centring (or, when even that failed, the identity) is used with a warning.
+    centring (or, when even that failed, the identity) is used with a warning. The
+    cost-function masks, when given, go to :func:`vitreg.affine.estimate_affine`.
     """
     names = f"{fixed.path}, {moving.path}"
     hint = "use {affine=False}, or {allow_affine_failure=True} to go on with the centring only"
     try:
-        result = estimate_affine(fixed, moving)
+        result = estimate_affine(fixed, moving, fixed_mask, moving_mask)
     except VitregError as error:
         if not allow_failure:
             raise VitregError(f"{error.message}; {hint}") from None
-        return np.eye(4), (), (f"affine pre-alignment skipped: {error}",)
+        return np.eye(4), (), (f"affine pre-alignment skipped: {error}",), None
     if result.failure is None:
-        return result.affine_ras, tuple(result.stages), ()
+        mirror = mirror_advantage(fixed, moving, result.metric_final, fixed_mask, moving_mask)
+        return result.affine_ras, tuple(result.stages), (), mirror
     if not allow_failure:
         raise VitregError(f"{names}: affine pre-alignment failed: {result.failure}; {hint}")
     warning = f"affine pre-alignment failed ({result.failure}); going on with the centring only"
-    return result.affine_ras, tuple(result.stages), (warning,)
+    return result.affine_ras, tuple(result.stages), (warning,), None
 
 
 @dataclass(frozen=True)
@@ -260,6 +284,16 @@ class RegisterSettings:
             values[key] = None if values[key] is None else list(values[key])
         return values
 
+    def check_masks(self, fixed_mask: object | None, moving_mask: object | None) -> None:
+        """OptionError when cost-function masks go to an optimiser that cannot use them (the
+        'adam' engine: only 'greedy' weights its similarity by masks)."""
+        if self.optimizer != "adam" or self.optimize == 0:
+            return
+        for option, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
+            if mask is not None:
+                given = getattr(mask, "path", mask)
+                raise OptionError(option, given, "cost-function masks need {optimizer}='greedy'")
+
     def check_labels(self, labels: object | None) -> None:
         """OptionError when Dice guidance (``dice_weight`` > 0) has no label maps to use."""
         if self.dice_weight > 0 and labels is None:
@@ -318,9 +352,11 @@ class PreparedPair:
     voxel -> RAS mm), on ``device``; the moving one read through ``affine_ras`` (4x4 RAS mm,
     fixed world -> moving world; the identity without pre-alignment). ``stages`` and
     ``warnings``: the affine's. ``labels``: the framed (fixed, moving) label maps, each
-    (1, 1, D, H, W) int64, for Dice guidance, else None. ``output``: the network's raw output
-    (1, 3, D, H, W) voxels (a velocity in diffeomorphic mode) once :func:`predict_batch` ran,
-    else None. ``seconds``: the time spent on the pair so far.
+    (1, 1, D, H, W) int64, for Dice guidance, else None. ``masks``: the framed cost-function
+    masks (the moving one read through ``affine_ras`` like the moving image).
+    ``mirror_advantage``: see :class:`Registration`. ``output``: the
+    network's raw output (1, 3, D, H, W) voxels (a velocity in diffeomorphic mode) once
+    :func:`predict_batch` ran, else None. ``seconds``: the time spent on the pair so far.
     """
 
     fixed_volume: Volume
@@ -335,6 +371,8 @@ class PreparedPair:
     labels: tuple[torch.Tensor, torch.Tensor] | None = None
     output: torch.Tensor | None = None
     seconds: float = 0.0
+    masks: CostMasks = CostMasks()
+    mirror_advantage: float | None = None
 
 
 def prepare_pair(
@@ -345,16 +383,22 @@ def prepare_pair(
     device: torch.device,
     labels: tuple[Volume, Volume] | None = None,
     progress: Progress | None = None,
+    fixed_mask: Volume | None = None,
+    moving_mask: Volume | None = None,
 ) -> PreparedPair:
     """The first stage of :func:`register`: affine pre-alignment (with ``settings.affine``)
-    and framing of the pair, and of its (fixed, moving) ``labels`` when the settings use them.
+    and framing of the pair, of its (fixed, moving) ``labels`` when the settings use them,
+    and of its cost-function masks (``fixed_mask`` on the fixed grid, ``moving_mask`` on the
+    moving one; nonzero inside), which the affine step honours too.
     """
     start = time.perf_counter()
-    affine_ras, stages, warnings = np.eye(4), (), ()
+    affine_ras, stages, warnings, mirror = np.eye(4), (), (), None
     if settings.affine:
         if progress is not None:
             progress("affine", 0, 1)
-        affine_ras, stages, warnings = pre_align(fixed, moving, settings.allow_affine_failure)
+        affine_ras, stages, warnings, mirror = pre_align(
+            fixed, moving, settings.allow_affine_failure, fixed_mask, moving_mask
+        )
         if progress is not None:
             progress("affine", 1, 1)
     pair = frame_pair(frame, fixed, in_fixed_world(moving, affine_ras), device)
@@ -364,6 +408,12 @@ def prepare_pair(
             frame_labels(frame, labels[0], pair.affine, device),
             frame_labels(frame, in_fixed_world(labels[1], affine_ras), pair.affine, device),
         )
+    masks = CostMasks(
+        fixed=None if fixed_mask is None else frame_mask(frame, fixed_mask, pair.affine, device),
+        moving=None
+        if moving_mask is None
+        else frame_mask(frame, in_fixed_world(moving_mask, affine_ras), pair.affine, device),
+    )
     return PreparedPair(
         fixed_volume=fixed,
         moving_volume=moving,
@@ -376,6 +426,8 @@ def prepare_pair(
         device=device,
         labels=framed_labels,
         seconds=time.perf_counter() - start,
+        masks=masks,
+        mirror_advantage=mirror,
     )
 
 
@@ -424,7 +476,9 @@ def finish_registration(
     levels, iterations = settings.plan(network)
     if sum(iterations) > 0 and settings.optimizer == "greedy":
         schedule = settings.greedy_schedule(network)
-        output = greedy_optimize(pair.fixed, pair.moving, output, schedule, progress)
+        output = greedy_optimize(
+            pair.fixed, pair.moving, output, schedule, progress, masks=pair.masks
+        )
     elif sum(iterations) > 0:
         output = optimize_flow(
             pair.fixed,
@@ -445,8 +499,13 @@ def finish_registration(
     fixed = pair.fixed_volume
     with torch.no_grad():
         flow = displacement_from_output(output, settings.diffeo, settings.integration_steps)
-        ncc_before = -float(local_ncc(pair.fixed, pair.moving))
-        ncc_after = -float(local_ncc(pair.fixed, warp(pair.moving, flow)))
+        head = head_region(pair)
+        cc_before = local_ncc_map(pair.fixed, pair.moving)
+        ncc_before, head_ncc_before = float(cc_before.mean()), float(cc_before[head].mean())
+        del cc_before
+        cc_after = local_ncc_map(pair.fixed, warp(pair.moving, flow))
+        ncc_after, head_ncc_after = float(cc_after.mean()), float(cc_after[head].mean())
+        del cc_after
         native = flow_to_native_mm(flow, pair.frame_affine, fixed)
         whole = with_affine(DisplacementField(disp_mm=native, grid=fixed), pair.affine_ras)
         warped = warp_image(pair.moving_volume, whole, pair.device)
@@ -464,6 +523,9 @@ def finish_registration(
         integration_steps=settings.integration_steps,
         affine_stages=pair.stages,
         warnings=pair.warnings,
+        head_ncc_before=head_ncc_before,
+        head_ncc_after=head_ncc_after,
+        mirror_advantage=pair.mirror_advantage,
         network=network,
         optimisation=_optimisation_record(settings.optimizer, levels, iterations),
     )
@@ -474,6 +536,16 @@ def _optimisation_record(optimizer: str, levels: Sequence[int], iterations: Sequ
     if sum(iterations) == 0:
         return {}
     return {"optimizer": optimizer, "levels": list(levels), "iterations": list(iterations)}
+
+
+def head_region(pair: PreparedPair) -> torch.Tensor:
+    """The fixed head's voxels in the frame, (1, 1, D, H, W) bool: the foreground of the
+    framed fixed image (:func:`vitreg.frame.foreground_mask`), within the fixed cost-function
+    mask when there is one; every voxel if that leaves none."""
+    head = torch.from_numpy(foreground_mask(pair.fixed.cpu().numpy())).to(pair.device)
+    if pair.masks.fixed is not None:
+        head &= pair.masks.fixed > 0.5
+    return head if bool(head.any()) else torch.ones_like(head)
 
 
 def register(
@@ -502,6 +574,8 @@ def register(
     sigma_update: float = GREEDY.sigma_update,
     sigma_field: float = GREEDY.sigma_field,
     coarse_field: bool = GREEDY.coarse_field,
+    fixed_mask: Volume | None = None,
+    moving_mask: Volume | None = None,
 ) -> Registration:
     """Register ``moving`` to ``fixed``.
 
@@ -515,10 +589,14 @@ def register(
     ``iterations``, ``optimize`` and each optimiser's options (``window``, ``sigma_update``,
     ``sigma_field``, ``coarse_field``; ``similarity``, ``regularizer``, ``smoothness``,
     ``learning_rate``, and ``labels`` (fixed, moving) with ``dice_weight`` > 0 for Dice
-    guidance). ``diffeo``: the network output and the optimised field are stationary
-    velocities, integrated by scaling and squaring (``integration_steps``); a model trained
-    diffeomorphically (``config.int_steps`` > 0) turns it on with its own step count. The
-    result lives on the fixed image's native grid and its field includes the affine.
+    guidance). ``fixed_mask`` and ``moving_mask``: cost-function masks, binary images on the
+    fixed and the moving image's grid (nonzero inside): voxels outside them do not drive the
+    similarity, in the affine step or in the greedy optimisation, and the field there follows
+    from the smoothing (lesions, resection cavities, electrodes). ``diffeo``: the network
+    output and the optimised field are stationary velocities, integrated by scaling and
+    squaring (``integration_steps``); a model trained diffeomorphically (``config.int_steps``
+    > 0) turns it on with its own step count. The result lives on the fixed image's native
+    grid and its field includes the affine.
 
     ``settings`` gives all those options in one :class:`RegisterSettings` instead (then the
     option keywords must keep their defaults).
@@ -547,10 +625,13 @@ def register(
     )
     settings = settings_from(settings, options)
     settings.check_labels(labels)
+    settings.check_masks(fixed_mask, moving_mask)
     torch_device = choose_device(device)
     frame = frame or ModelFrame()
     settings = settings.checked(model, frame)
-    prepared = prepare_pair(fixed, moving, frame, settings, torch_device, labels, progress)
+    prepared = prepare_pair(
+        fixed, moving, frame, settings, torch_device, labels, progress, fixed_mask, moving_mask
+    )
     if model is not None:
         (prepared,) = predict_batch(model, [prepared], progress)
     return finish_registration(prepared, settings, progress)

@@ -13,11 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitreg.affine import check_affine_path, save_affine
 from vitreg.assess import Assessment, assess
 from vitreg.device import choose_device
 from vitreg.errors import OptionError
+from vitreg.exchange import (
+    ants_files,
+    check_affine_out,
+    check_ants_prefix,
+    save_affine_out,
+    save_ants_transforms,
+)
 from vitreg.field import FLOW_FORMATS, check_flow_writable, save_flow, warp_labels_nearest
+from vitreg.flags import Indicators, QcFlag, indicators, qc_flag
 from vitreg.frame import ModelFrame
 from vitreg.image import Volume, check_writable, label_dtype, save
 from vitreg.nets.vitvnet import VitVNet
@@ -34,6 +41,7 @@ from vitreg.register import (
 from vitreg.weights import load_model
 
 OUTPUTS = ("warped", "flow", "inverse_flow", "affine_out", "warped_labels", "qc")
+ANTS_OUTPUTS = ("ants_affine", "ants_warp", "ants_inverse_warp")
 
 
 @dataclass(frozen=True)
@@ -41,10 +49,13 @@ class OutputPaths:
     """Where a pair's outputs go, all on the fixed grid but ``inverse_flow``; None: not written.
 
     ``warped``: the moving image warped. ``flow``: the pull field, in ``flow_format`` ('itk':
-    ANTs/SimpleITK LPS mm; 'voxel': fixed-grid voxels), as is ``inverse_flow`` (moving to
-    fixed, on the moving grid). ``affine_out``: the affine pre-alignment as an ITK .mat or
-    .tfm file. ``warped_labels``: the moving labels warped by nearest neighbour. ``qc``: the
-    QC figure (PNG).
+    ANTs/SimpleITK LPS mm; 'voxel': fixed-grid voxels; 'freesurfer': RAS mm as
+    mri_synthmorph writes), as is ``inverse_flow`` (moving to fixed, on the moving grid).
+    ``affine_out``: the affine pre-alignment as an ITK .mat/.tfm/.txt file or a FreeSurfer
+    .lta. ``warped_labels``: the moving labels warped by nearest neighbour. ``qc``: the QC
+    figure (PNG). ``ants_prefix``: the registration as antsRegistration writes it under that
+    prefix (``PREFIX0GenericAffine.mat``, ``PREFIX1Warp.nii.gz``, and with ``inverse_flow``
+    ``PREFIX1InverseWarp.nii.gz``; :func:`vitreg.exchange.save_ants_transforms`).
     """
 
     warped: Path
@@ -54,6 +65,7 @@ class OutputPaths:
     affine_out: Path | None = None
     warped_labels: Path | None = None
     qc: Path | None = None
+    ants_prefix: str | Path | None = None
 
     @classmethod
     def in_folder(cls, out_dir: Path, name: str, labels: bool, qc: bool) -> OutputPaths:
@@ -68,8 +80,15 @@ class OutputPaths:
         )
 
     def files(self) -> dict[str, Path]:
-        """The outputs to write, by name."""
-        return {name: getattr(self, name) for name in OUTPUTS if getattr(self, name) is not None}
+        """The outputs to write, by name (the ANTs files as ants_affine, ants_warp and
+        ants_inverse_warp)."""
+        files = {name: getattr(self, name) for name in OUTPUTS if getattr(self, name) is not None}
+        if self.ants_prefix is not None:
+            ants = ants_files(self.ants_prefix)
+            files["ants_affine"], files["ants_warp"] = ants.affine, ants.warp
+            if self.inverse_flow is not None:
+                files["ants_inverse_warp"] = ants.inverse_warp
+        return files
 
     def check(self, settings: RegisterSettings, labels: bool) -> None:
         """Raise before any work unless every output can be written and the settings make
@@ -88,9 +107,11 @@ class OutputPaths:
         if self.qc is not None:
             check_png_writable(self.qc)
         if self.affine_out is not None:
-            check_affine_path(Path(self.affine_out))
+            check_affine_out(self.affine_out)
             if not settings.affine:
                 raise OptionError("affine_out", self.affine_out, "needs {affine=True}")
+        if self.ants_prefix is not None:
+            check_ants_prefix(self.ants_prefix)
 
 
 @dataclass(frozen=True)
@@ -98,7 +119,8 @@ class RegisteredPair:
     """A pair registered, assessed and written.
 
     ``inverse``: the moving-to-fixed field when one was asked for. ``seconds``: the whole
-    pair's time (registration, inversion, assessment and writing).
+    pair's time (registration, inversion, assessment and writing). ``indicators`` and
+    ``flag``: the automatic QC (:mod:`vitreg.flags`).
     """
 
     loaded: LoadedPair
@@ -106,10 +128,13 @@ class RegisteredPair:
     assessment: Assessment
     inverse: InverseField | None
     seconds: float
+    indicators: Indicators | None = None
+    flag: QcFlag | None = None
 
     def summary(self) -> dict:
         """Rounded numbers for reports: NCC before/after, folding, SDlogJ, Dice before/after
-        (with labels), the inverse's residual (with an inverse), seconds and the device."""
+        (with labels), the inverse's residual (with an inverse), seconds and the device, the
+        QC flag, its reasons and indicators."""
         registration = self.registration
         row = {
             "ncc_before": round(registration.ncc_before, 4),
@@ -122,6 +147,10 @@ class RegisteredPair:
             row["inverse_exact"] = self.inverse.exact
             row["inverse_residual_mean_mm"] = round(self.inverse.residual_mean_mm, 4)
             row["inverse_residual_max_mm"] = round(self.inverse.residual_max_mm, 4)
+        if self.flag is not None:
+            row.update(self.flag.to_dict())
+        if self.indicators is not None:
+            row.update(self.indicators.to_dict())
         return row
 
 
@@ -134,7 +163,10 @@ def finish_pair(
     assessment = assess(
         registration.field, loaded.fixed, loaded.labels, loaded.mask, loaded.true_field
     )
-    result = RegisteredPair(loaded, registration, assessment, inverse, registration.seconds)
+    values = indicators(registration, assessment, loaded.fixed, loaded.moving, loaded.mask)
+    result = RegisteredPair(
+        loaded, registration, assessment, inverse, registration.seconds, values, qc_flag(values)
+    )
     write_outputs(result, paths)
     seconds = registration.seconds + time.perf_counter() - start
     return dataclasses.replace(result, seconds=seconds)
@@ -167,7 +199,15 @@ def _write_each(result: RegisteredPair, paths: OutputPaths, wrote: Callable[[Pat
             raise ValueError("write_outputs: an inverse_flow path but no inverse field")
         wrote(save_flow(paths.inverse_flow, result.inverse.field, paths.flow_format))
     if paths.affine_out is not None:
-        wrote(save_affine(paths.affine_out, registration.affine_ras))
+        wrote(
+            save_affine_out(paths.affine_out, registration.affine_ras, fixed, result.loaded.moving)
+        )
+    if paths.ants_prefix is not None:
+        inverse = paths.inverse_flow is not None
+        files = save_ants_transforms(paths.ants_prefix, registration, inverse=inverse)
+        for path in (files.affine, files.warp, files.inverse_warp if inverse else None):
+            if path is not None:
+                wrote(path)
     if paths.warped_labels is not None and result.loaded.labels is not None:
         moving_labels = result.loaded.labels[1]
         warped_labels = warp_labels_nearest(moving_labels, registration.field)
@@ -206,6 +246,7 @@ def register_pair(
     settings = settings or RegisterSettings()
     labels_given = pair.fixed_labels is not None and pair.moving_labels is not None
     settings.check_labels(True if labels_given else None)
+    settings.check_masks(pair.fixed_mask, pair.moving_mask)
     paths.check(settings, labels_given)
     choose_device(device)
     loaded = load_pair(pair)
@@ -221,6 +262,8 @@ def register_pair(
         progress=progress,
         labels=loaded.labels,
         settings=settings,
+        fixed_mask=loaded.fixed_mask,
+        moving_mask=loaded.moving_mask,
     )
     return finish_pair(loaded, registration, paths)
 

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -66,8 +67,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except VitregError as error:
-        message = error_text(error)
-        stderr.print(f"[bold red]vitreg: error:[/] {message}", highlight=False, soft_wrap=True)
+        message = escape(error_text(error))  # literally: a path may hold [brackets], ':x:'
+        stderr.print(
+            f"[bold red]vitreg: error:[/] {message}", highlight=False, soft_wrap=True, emoji=False
+        )
         raise typer.Exit(USER_ERROR_EXIT_CODE) from None
 
 

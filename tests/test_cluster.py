@@ -3,11 +3,14 @@ the same flows as in one process, a killed worker's pairs redone once, resume, t
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -225,3 +228,21 @@ def test_bad_schedulers_are_usage_errors(tmp_path):
         assert result.exit_code == 2 and expected in result.output, result.output
     with pytest.raises(OptionError, match="batch_size=2: a cluster registers one pair"):
         batch.register_batch(csv, tmp_path / "o", batch_size=2, engine=DaskEngine("local:1"))
+
+
+def test_the_throughput_benchmark_measures_pairs_per_minute_on_a_local_cluster(tmp_path):
+    """benchmarks/cluster_throughput.py on two copies of a tiny pair, in this process and on
+    local:1 (the full run is for the closing note: see its docstring)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cluster_throughput.py"
+    spec = importlib.util.spec_from_file_location("cluster_throughput", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    options = dict(pairs=head_pairs_csv(tmp_path, 1), copies=2, workers=(0, 1))
+    options.update(iterations=(3, 1), levels=(2, 1), shape=(24, 24, 24), spacing=2.5)
+    report = module.measure(argparse.Namespace(**options))
+    assert json.loads(json.dumps(report)) == report
+    assert [run["workers"] for run in report["runs"]] == [0, 1]
+    for run in report["runs"]:
+        assert run["pairs"] == 2 and run["pair_seconds"] > 0
+        assert run["pairs_per_minute"] == pytest.approx(120 / run["seconds"], rel=0.02)
+    assert report["runs"][0]["startup_seconds"] == 0 < report["runs"][1]["startup_seconds"]

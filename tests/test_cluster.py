@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -246,3 +247,41 @@ def test_the_throughput_benchmark_measures_pairs_per_minute_on_a_local_cluster(t
         assert run["pairs"] == 2 and run["pair_seconds"] > 0
         assert run["pairs_per_minute"] == pytest.approx(120 / run["seconds"], rel=0.02)
     assert report["runs"][0]["startup_seconds"] == 0 < report["runs"][1]["startup_seconds"]
+
+
+@dataclass(frozen=True)
+class KillsItsWorker:
+    """The work of a batch, but the process that takes pair ``fatal`` dies at once."""
+
+    work: batch.BatchWork
+    fatal: str
+
+    def load(self):
+        return self.work.load()
+
+    def __call__(self, loaded, pair):
+        if pair.name == self.fatal:
+            os._exit(1)
+        return self.work(loaded, pair)
+
+    def failure(self, pair, message):
+        return self.work.failure(pair, message)
+
+
+def test_a_pair_that_keeps_killing_its_workers_is_a_failed_row(tmp_path, cluster):
+    local, client, _ = cluster
+    csv = head_pairs_csv(tmp_path, 1)
+    engine = DaskEngine(client)
+    allowed = local.scheduler.allowed_failures
+    local.scheduler.allowed_failures = 0  # the first death is one too many
+    try:
+        result = batch.register_batch(
+            csv, tmp_path / "out", frame=FRAME,
+            engine=lambda work, pairs: engine(KillsItsWorker(work, "p0"), pairs), **SCHEDULE,
+        )  # fmt: skip
+    finally:
+        local.scheduler.allowed_failures = allowed
+    (record,) = result.records
+    assert record["status"] == "failed" and record["error"].startswith(f"{csv}:2: a worker died")
+    assert json.loads(result.summary_json.read_text())["counts"]["failed"] == 1
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts it, for the tests that follow

@@ -185,6 +185,7 @@ class DaskEngine:
             self._cluster = distributed.LocalCluster(
                 n_workers=self.local_workers, threads_per_worker=1, processes=True,
                 dashboard_address=None, silence_logs=logging.ERROR,
+                scheduler_kwargs={"dashboard_address": ":0"},  # its HTTP server: a free port
             )  # fmt: skip
             self._client = distributed.Client(self._cluster, set_as_default=False)
         else:
@@ -243,11 +244,11 @@ class DaskEngine:
                 try:
                     result = future.result()
                 except distributed.KilledWorker as error:
-                    tries = error.allowed_failures + 1
+                    deaths = error.allowed_failures + 1
                     result = work.failure(
                         pair,
-                        f"the workers registering it died {tries} times (out of memory?); "
-                        "see the workers' logs",
+                        f"a worker died while registering it, {deaths} time(s) (out of "
+                        "memory?); see the workers' logs",
                     )
                 future.release()
                 yield pair, result

@@ -27,7 +27,7 @@ from vitreg.frame import ModelFrame
 distributed = pytest.importorskip("distributed")
 pytest.importorskip("distributed.diagnostics.plugin")
 
-from vitreg.cluster import DaskEngine  # noqa: E402 (needs distributed)
+from vitreg.cluster import DaskEngine, cpu_place, torch_threads_by_place  # noqa: E402
 
 runner = CliRunner()
 FRAME = ModelFrame(orientation="RAS", spacing=(2.5, 2.5, 2.5), shape=(24, 24, 24))
@@ -117,6 +117,21 @@ def test_the_cluster_gives_the_flows_and_records_of_one_process(on_cluster, sing
     summary = json.loads(on_cluster.summary_json.read_text())
     assert summary["counts"] == {"ok": PAIRS, "failed": 1, "resumed": 0}
     assert summary["pairs"] == on_cluster.records
+
+
+def test_torch_threads_share_the_cpus_of_the_workers_on_them():
+    two_cpus, eight_cpus = ("node1", (0, 1)), ("node1", tuple(range(8)))
+    job_a, job_b = ("node2", (0, 1, 2, 3)), ("node2", (4, 5, 6, 7))
+    workers = {"w1": (two_cpus, 1), "w2": (two_cpus, 1), "w3": (eight_cpus, 1)}
+    workers.update({"w4": (job_a, 2), "w5": (job_b, 4)})
+    assert torch_threads_by_place(workers) == {two_cpus: 1, eight_cpus: 8, job_a: 2, job_b: 1}
+
+
+def test_the_workers_of_a_cluster_run_torch_on_their_share_of_the_cpus(on_cluster, cluster):
+    _, client, _ = cluster
+    cpus = len(cpu_place()[1])
+    threads = client.run(lambda: __import__("torch").get_num_threads())
+    assert len(threads) == 2 and set(threads.values()) == {max(1, cpus // 2)}
 
 
 def test_a_killed_worker_s_pairs_are_redone_elsewhere_and_recorded_once(cohort, cluster, single):

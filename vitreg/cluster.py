@@ -12,17 +12,19 @@ are given are absolute.
   every worker in a worker plugin (:class:`PairWorkPlugin`, also to workers that join or
   restart later); its ``load()`` (the network, read from the checkpoint's path, or nothing
   with ``--weights none``) runs once per worker process, in its first task.
-- **Threads.** A worker with T task threads registers T pairs at once. Torch gets
-  ``C // S`` threads in it (at least 1): C is the number of CPUs the worker process may
-  run on (``os.sched_getaffinity``: a Slurm job's CPUs, or the machine's), S the task
-  threads of all workers on that host that run on the same CPUs (they share them: the
-  workers of ``local:N``, or of a job with several worker processes), as the workers stand
-  when the batch starts; a worker that joins later counts its own threads only. So torch's
-  threads never outnumber the CPUs, which on 2 cores makes a 10-fold difference. Dask's
-  usual worker (as many task threads as CPUs) thus runs one pair per CPU, each on one
-  thread; a worker with one task thread (``--nthreads 1``, e.g. on a GPU node) runs one
-  pair at a time on all its CPUs. ``cpus_per_worker`` overrides C and S: torch then gets
-  ``cpus_per_worker // T`` threads.
+- **Threads.** A worker with T task threads registers T pairs at once, and the torch
+  threads of all the pairs on a set of CPUs must not outnumber them (on 2 cores that
+  makes a 10-fold difference). For the workers present when the batch starts, torch gets
+  ``C // S`` threads (at least 1): C is the number of CPUs the worker process may run on
+  (``os.sched_getaffinity``: a Slurm job's CPUs, or the machine's), S the task threads of
+  all the workers on that host that run on the same CPUs (the workers of ``local:N``, or
+  of one job with several worker processes). A worker that joins later cannot see its
+  siblings: it keeps the threads its environment gives torch (Dask's nanny sets
+  ``OMP_NUM_THREADS=1``, Dask's convention of one task thread per core), at most
+  ``C // T``. So Dask's usual worker (as many task threads as CPUs) runs one pair per CPU
+  on one thread each, and a lone worker with one task thread (``local:1``, or ``dask
+  worker --nthreads 1`` on a GPU node, present at the start) runs one pair at a time on
+  all its CPUs. ``cpus_per_worker`` overrides all this: torch gets ``cpus_per_worker // T``.
 - **Lost workers.** When a worker dies, the scheduler runs its pairs again on others (up
   to ``distributed.scheduler.allowed-failures`` times, default 3; after that the pair is a
   failed row saying so). A pair's files are written atomically, so a pair run twice leaves
@@ -112,12 +114,15 @@ class PairWorkPlugin(WorkerPlugin):
         self.cpus = cpus
 
     def setup(self, worker: Any) -> None:
+        import torch
+
         place, nthreads = _worker_place(worker)
         if self.cpus is not None:
             self.torch_threads = max(1, self.cpus // nthreads)
-        else:
-            alone = max(1, len(place[1]) // nthreads)
-            self.torch_threads = self.threads_by_place.get(place, alone)
+        elif place in self.threads_by_place:
+            self.torch_threads = self.threads_by_place[place]
+        else:  # joined later: siblings unknown
+            self.torch_threads = min(torch.get_num_threads(), max(1, len(place[1]) // nthreads))
         self._lock = threading.Lock()
         self._loaded: list = []  # [what work.load() returned] once loaded
 

@@ -160,8 +160,8 @@ SchedulerOption = Annotated[
 ShardOption = Annotated[
     str | None,
     typer.Option(
-        help="K/N: only every N-th pair from the K-th (0 <= K < N, e.g. "
-        "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), with the summary "
+        help="K/N: only every N-th pair from the K-th (0 <= K < N; in a Slurm job array "
+        "--array=0-99: $SLURM_ARRAY_TASK_ID/100), with the summary "
         "summary.shard-K-of-N.csv/json; join the shards with 'vitreg batch-merge'."
     ),
 ]

@@ -263,6 +263,7 @@ EXAMPLES = (
     ("dice",),
     ("qc",),
     ("register-batch",),
+    ("batch-merge",),
     ("evaluate",),
     ("train",),
     ("weights", "list"),
@@ -309,6 +310,10 @@ def test_every_help_example_runs_as_written(tmp_path, monkeypatch):
     for command in EXAMPLES:
         words = help_example(command)
         assert words[: len(command) + 1] == ["vitreg", *command], words
+        if command == ("batch-merge",):  # it joins the shards of a job array: one here
+            shard = "examples/pairs.csv --out-dir shards --shard 0/1 --weights none --optimize 0"
+            shard_run = runner.invoke(app, ["register-batch", *shard.split(), "--no-affine", "-q"])
+            assert shard_run.exit_code == 0, shard_run.output
         result = runner.invoke(app, words[1:])
         assert result.exit_code == 0, (words, result.output)
         for flag in OUTPUT_FLAGS:

@@ -22,6 +22,13 @@ def test_a_user_error_is_one_stderr_line_and_exit_code_2(capsys):
     assert captured.err.splitlines() == ["vitreg: error: scan.nii.gz: the image is constant"]
 
 
+def test_a_user_error_is_printed_literally_without_markup_or_emoji_codes(capsys):
+    with pytest.raises(typer.Exit), user_errors():
+        raise VitregError("runs/[bold]/a:x:b.csv: no such file; local:two: bad")
+    line = "vitreg: error: runs/[bold]/a:x:b.csv: no such file; local:two: bad"
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
 def test_other_errors_pass_through_untouched(capsys):
     with pytest.raises(ZeroDivisionError), user_errors():
         _ = 1 / 0

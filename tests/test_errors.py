@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import pickle
 import re
 from pathlib import Path
 
@@ -72,3 +73,10 @@ def test_no_library_error_names_a_command_line_flag():
                     if FLAG.search(part.value):
                         found.append(f"{path.name}:{node.lineno}: {part.value!r}")
     assert found == []
+
+
+def test_option_errors_survive_pickling_as_a_cluster_worker_sends_them():
+    error = OptionError("levels", (8, 4), "too coarse for {window}")
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is OptionError and str(copy) == str(error)
+    assert (copy.option, copy.value, copy.problem) == ("levels", (8, 4), "too coarse for {window}")

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -253,3 +254,31 @@ def test_torchrun_with_gloo_runs_one_epoch_on_two_processes(tmp_path):
     state, tensors = read_state(tmp_path / "run" / "state.safetensors")
     assert state["world"] == 2 and {"rng.0.data", "rng.1.data"} <= set(tensors)
     assert read_checkpoint(tmp_path / "run" / "last.safetensors").recipe["epoch"] == 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_torchrun_on_two_nodes_meets_by_rendezvous_and_trains_as_one_group(tmp_path):
+    """The multi-node command of docs/training.md: one torchrun agent per node (here two on
+    this machine), c10d rendezvous at node 0's address, one process per node."""
+    data = write_pairs_csv(tmp_path, 5)
+    command = train_command(data, tmp_path / "run", 1)
+    endpoint = f"127.0.0.1:{free_port()}"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+    launcher += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
+    launcher += ["--rdzv-id", "vitreg-test", "-m", *command[2:]]
+    nodes = [
+        subprocess.Popen(launcher, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for node in nodes:
+        _, errors = node.communicate(timeout=300)
+        assert node.returncode == 0, errors[-3000:]
+    rows = metrics(tmp_path / "run" / "metrics.csv")
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "1")]  # 4 pairs, 2 x batch 2
+    state, tensors = read_state(tmp_path / "run" / "state.safetensors")
+    assert state["world"] == 2 and {"rng.0.data", "rng.1.data"} <= set(tensors)

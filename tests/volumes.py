@@ -154,3 +154,23 @@ def rotated_pair(folder: Path, shape=(40, 44, 38)):
     fixed = load_image(write(folder / "fixed.nii.gz", data, fixed_affine))
     moving = load_image(write(folder / "moving.nii.gz", data, moving_affine))
     return fixed, moving, truth
+
+
+def head_pairs_csv(folder: Path, count: int, missing_row: int | None = None, shape=(24, 24, 24)):
+    """``folder/pairs.csv`` of ``count`` pairs p0, p1, ... of small heads (2.5 mm voxels),
+    each moving head shifted and bent a little differently; with ``missing_row`` (0-based)
+    that pair's moving file does not exist. Returns the CSV's path."""
+    import csv
+
+    affine = grid_affine(np.diag([2.5] * 3), shape)
+    fixed = write(folder / "fixed.nii.gz", world_head(affine, shape), affine)
+    rows = []
+    for k in range(count):
+        shift = (1.5 * (k % 3) - 1.5, 1.0 - (k % 2), 0.5 * (k % 4))
+        moving = write(
+            folder / f"moving{k}.nii.gz", world_head(affine, shape, shift, wave_mm=2.0), affine
+        )
+        rows.append([f"p{k}", fixed.name, "absent.nii.gz" if k == missing_row else moving.name])
+    with open(folder / "pairs.csv", "w", newline="") as file:
+        csv.writer(file).writerows([["name", "fixed", "moving"], *rows])
+    return folder / "pairs.csv"

@@ -7,6 +7,7 @@ example pair in ``examples/``); ``tests/test_cli.py`` runs them all, in order.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -187,6 +188,33 @@ BatchSizeOption = Annotated[
 SummaryJsonOption = Annotated[
     bool, typer.Option("--json", help="Print only the summary JSON on stdout.")
 ]
+
+# Many pairs on many machines: a Dask cluster (vitreg.cluster), or shards of a job array
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Run the pairs on a Dask cluster: its scheduler's address (tcp://host:8786), "
+        "a scheduler file (.json), or local:N (N worker processes here). Needs the "
+        "'distributed' package (pip install 'vitreg[cluster]')."
+    ),
+]
+ShardOption = Annotated[
+    str | None,
+    typer.Option(
+        help="K/N: only every N-th pair from the K-th (0 <= K < N; in a Slurm job array "
+        "--array=0-99: $SLURM_ARRAY_TASK_ID/100), with the summary "
+        "summary.shard-K-of-N.csv/json; join the shards with 'vitreg batch-merge'."
+    ),
+]
+
+
+def _engine(scheduler: str | None) -> contextlib.AbstractContextManager:
+    """The Dask engine for --scheduler (closed on exit), or None without one."""
+    if scheduler is None:
+        return contextlib.nullcontext()
+    from vitreg.cluster import DaskEngine
+
+    return DaskEngine(scheduler)
 
 
 def _integers(text: str | None, option: str) -> tuple[int, ...] | None:
@@ -385,6 +413,8 @@ def register_batch(
     prefetch: PrefetchOption = 2,
     batch_size: BatchSizeOption = 1,
     offline: OfflineOption = False,
+    scheduler: SchedulerOption = None,
+    shard: ShardOption = None,
     as_json: SummaryJsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -406,6 +436,10 @@ def register_batch(
     A failing pair is reported with its CSV line and the others go on; the exit code is
     then 1 (2 for a usage error such as a bad CSV header).
 
+    Many machines: --scheduler runs the pairs on a Dask cluster (each worker loads the
+    model once and writes its pairs' files; this process keeps the summary). --shard K/N
+    runs one part of a job array; 'vitreg batch-merge' then checks and joins the shards.
+
     [bold]Example:[/bold] vitreg register-batch examples/pairs.csv --out-dir results
     --iterations 10,5,0 --report
     """
@@ -415,14 +449,19 @@ def register_batch(
     with user_errors(interrupted=resumes):
         from vitreg.batch import register_batch as run_batch
         from vitreg.register import RegisterSettings
+        from vitreg.shards import Shard
 
         settings = RegisterSettings(
             optimize=optimize, optimizer=optimizer, iterations=_integers(iterations, "iterations"),
             levels=_integers(levels, "levels"), smoothness=smoothness, affine=affine,
             diffeo=diffeo,
         )  # fmt: skip
+        part = Shard.parse(shard) if shard is not None else None
         header = f"registering the pairs of {pairs} (moving to fixed) into {out_dir}"
-        with stage_progress(quiet, _with_fallback_note(header, weights)) as progress:
+        with (
+            _engine(scheduler) as engine,
+            stage_progress(quiet, _with_fallback_note(header, weights)) as progress,
+        ):
 
             def show_failure(record: dict, error: VitregError | None) -> None:
                 if error is not None:
@@ -431,7 +470,8 @@ def register_batch(
             result = run_batch(
                 pairs, out_dir, weights, settings=settings, device=device, qc=qc,
                 prefetch=prefetch, batch_size=batch_size, progress=progress,
-                on_record=show_failure, offline=offline or None, report=report,
+                on_record=show_failure, offline=offline or None, report=report, shard=part,
+                engine=engine,
             )  # fmt: skip
     if as_json:
         print(result.summary_json.read_text().strip())
@@ -457,6 +497,44 @@ def register_batch(
         f"{len(flagged['check'])} check)",
         "yellow" if count else "",
     )
+    if result.failed:
+        say(quiet, f"{len(result.failed)} of {len(result.records)} pairs failed", "red")
+        raise typer.Exit(BATCH_FAILED_EXIT_CODE)
+
+
+@app.command("batch-merge")
+def batch_merge(
+    folders: Annotated[
+        list[Path],
+        typer.Argument(help="Folders holding the shards' summary.shard-K-of-N.json files."),
+    ],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="Folder for the merged summary (default: the first)."),
+    ] = None,
+    as_json: SummaryJsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Join the summaries of 'register-batch --shard K/N' runs into summary.csv and
+    summary.json, checking that every shard 0..N-1 ran and every pair is recorded once.
+
+    Holes (a shard that never ran, pairs a shard did not finish) and pairs recorded twice
+    are named, and nothing is written (exit code 2); a failed pair is a failed row (exit
+    code 1). A later register-batch without --shard resumes from the merged summary.
+
+    [bold]Example:[/bold] vitreg batch-merge shards
+    """
+    with user_errors():
+        from vitreg.batch import merge_shards
+
+        result = merge_shards(folders, out_dir)
+    if as_json:
+        print(result.summary_json.read_text().strip())
+    elif not quiet:
+        counts = {s: sum(r["status"] == s for r in result.records) for s in ("ok", "failed")}
+        rows = [("pairs", str(len(result.records))), *((k, str(v)) for k, v in counts.items())]
+        rows.append(("wrote", f"{result.summary_csv} and {result.summary_json}"))
+        show_result("vitreg batch-merge", rows, {}, False, quiet)
     if result.failed:
         say(quiet, f"{len(result.failed)} of {len(result.records)} pairs failed", "red")
         raise typer.Exit(BATCH_FAILED_EXIT_CODE)
@@ -521,6 +599,7 @@ def evaluate(
     affine: AffineOption = True,
     diffeo: DiffeoOption = False,
     offline: OfflineOption = False,
+    scheduler: SchedulerOption = None,
     as_json: SummaryJsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -540,10 +619,13 @@ def evaluate(
             diffeo=diffeo,
         )  # fmt: skip
         header = f"evaluating the pairs of {pairs}, weights {weights}"
-        with stage_progress(quiet, _with_fallback_note(header, weights)) as progress:
+        with (
+            _engine(scheduler) as engine,
+            stage_progress(quiet, _with_fallback_note(header, weights)) as progress,
+        ):
             result = evaluate_csv(
                 pairs, out, weights, settings=settings, device=device, groups=groups,
-                progress=progress, offline=offline or None,
+                progress=progress, offline=offline or None, engine=engine,
             )  # fmt: skip
     if as_json:
         show_result("", [], result.summary, True, quiet)

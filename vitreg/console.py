@@ -126,7 +126,13 @@ def _stop_signals_raise(received: list[int]) -> Iterator[None]:
 
 def show_error(message: str) -> None:
     """``vitreg: error: MESSAGE`` on stderr (also with --quiet: an error is not a message)."""
-    stderr.print(f"[bold red]vitreg: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    # literally: a path may hold [brackets] or ':x:' (rich markup, emoji codes)
+    stderr.print(
+        f"[bold red]vitreg: error:[/] {escape(message)}",
+        highlight=False,
+        soft_wrap=True,
+        emoji=False,
+    )
 
 
 def error_text(error: VitregError) -> str:

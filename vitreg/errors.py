@@ -56,6 +56,11 @@ class OptionError(VitregError):
         self.option, self.value, self.problem = option, value, problem
         super().__init__(f"{{{option}}}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from its three parts, so the error survives pickling (a cluster's worker
+        # sends it back to the client).
+        return (type(self), (self.option, self.value, self.problem))
+
     def render(self, spell: Spelling) -> str:
         return f"{spell(self.option, self.value)}: {_spell_marks(self.problem, spell)}"
 

@@ -5,6 +5,10 @@ The pairs file is the one :mod:`vitreg.pairs` reads: ``fixed`` and ``moving``, o
 grid), ``mask`` (where folding, end-point error and correlation are measured; default the
 fixed image's foreground), ``lut`` (label names), ``set`` (the group a pair is summarised in)
 and ``name``. Every row is checked before the first registration.
+
+With an ``engine`` (:mod:`vitreg.engine`; :class:`vitreg.cluster.DaskEngine`) the pairs are
+registered and scored by :class:`EvaluateWork` wherever the engine runs it; the results are
+summarised here in the pairs file's order.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch
 
 from vitreg.assess import assess
 from vitreg.device import choose_device
+from vitreg.engine import PairEngine, load_source, model_source
+from vitreg.errors import VitregError
 from vitreg.field import DisplacementField, check_same_grid, warp_image
 from vitreg.files import csv_text, make_folder, write_text
 from vitreg.frame import ModelFrame
@@ -257,20 +263,71 @@ def evaluate(
     for done, pair in enumerate(pairs):
         if progress is not None:
             progress("pairs", done, len(pairs))
-        loaded = load_pair(pair)
-
-        def run(loaded: LoadedPair = loaded) -> DisplacementField:
-            registration = register(
-                loaded.fixed, loaded.moving, model, frame, device=device_name,
-                progress=progress, settings=settings, fixed_mask=loaded.fixed_mask,
-                moving_mask=loaded.moving_mask,
-            )  # fmt: skip
-            return registration.field
-
-        results.append(measure(loaded, run, device_name))
+        results.append(evaluate_pair(pair, model, frame, settings, device_name, progress))
     if progress is not None:
         progress("pairs", len(pairs), len(pairs))
     return results
+
+
+def evaluate_pair(
+    pair: Pair,
+    model: VitVNet | None,
+    frame: ModelFrame | None,
+    settings: RegisterSettings,
+    device_name: str,
+    progress: Progress | None = None,
+) -> PairResult:
+    """Load ``pair``, register it with :func:`vitreg.register.register` and score it."""
+    loaded = load_pair(pair)
+
+    def run() -> DisplacementField:
+        registration = register(
+            loaded.fixed, loaded.moving, model, frame, device=device_name, progress=progress,
+            settings=settings, fixed_mask=loaded.fixed_mask, moving_mask=loaded.moving_mask,
+        )  # fmt: skip
+        return registration.field
+
+    return measure(loaded, run, device_name)
+
+
+@dataclass(frozen=True)
+class EvaluateWork:
+    """One pair evaluated where an engine runs it (picklable, see :mod:`vitreg.engine`).
+
+    ``model``: what :func:`vitreg.engine.load_source` loads once per process; ``device``: as
+    the ``device`` option ('auto' picks each worker's own). Time, CPU time and peak memory
+    are the worker process's: a worker that runs several pairs at once counts them all.
+    """
+
+    model: VitVNet | Path | None
+    frame: ModelFrame
+    settings: RegisterSettings
+    device: str
+
+    def load(self) -> VitVNet | None:
+        return load_source(self.model, self.frame)
+
+    def __call__(self, network: VitVNet | None, pair: Pair) -> PairResult:
+        device_name = str(choose_device(self.device))
+        return evaluate_pair(pair, network, self.frame, self.settings, device_name)
+
+    def failure(self, pair: Pair, message: str) -> PairResult:
+        """An evaluation has no failed rows: the pair's problem stops it."""
+        raise VitregError(f"{pair.where}: {message}")
+
+
+def evaluate_elsewhere(
+    engine: PairEngine, work: EvaluateWork, pairs: Sequence[Pair], progress: Progress | None
+) -> list[PairResult]:
+    """Every pair evaluated by ``engine`` running ``work``; the results in ``pairs``' order."""
+    results: dict[int, PairResult] = {}
+    if progress is not None:
+        progress("pairs", 0, len(pairs))
+    for position, (pair, result) in enumerate(engine(work, pairs), start=1):
+        results[pair.row] = result
+        if progress is not None:
+            progress("pairs", position, len(pairs))
+    return [results[pair.row] for pair in pairs]
 
 
 @dataclass(frozen=True)
@@ -292,10 +349,11 @@ def evaluate_csv(
     groups: bool = False,
     progress: Progress | None = None,
     offline: bool | None = None,
+    engine: PairEngine | None = None,
 ) -> Evaluation:
     """``vitreg evaluate`` in one call: check every row of the pairs file, load ``model`` (a
-    network, or a checkpoint name or path with its frame), evaluate, summarise and write
-    (:func:`write_results`)."""
+    network, or a checkpoint name or path with its frame), evaluate (here, or by ``engine``
+    where it runs :class:`EvaluateWork`), summarise and write (:func:`write_results`)."""
     settings = settings or RegisterSettings()
     choose_device(device)
     pairs = read_pairs(csv_path)
@@ -303,7 +361,12 @@ def evaluate_csv(
     for pair in pairs:
         settings.check_masks(pair.fixed_mask, pair.moving_mask)
     network, frame = load_model(model, frame, offline)
-    results = evaluate(pairs, network, frame, settings, device, progress)
+    if engine is None:
+        results = evaluate(pairs, network, frame, settings, device, progress)
+    else:
+        settings.checked(network, frame)
+        work = EvaluateWork(model_source(model, network, offline), frame, settings, device)
+        results = evaluate_elsewhere(engine, work, pairs, progress)
     summary = summarise(results)
     return Evaluation(results, summary, write_results(out_dir, results, summary, groups))
 

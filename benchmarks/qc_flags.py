@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         iterations = None
         if args.iterations:
             iterations = tuple(int(n) for n in args.iterations.split(","))
-        settings = RegisterSettings(iterations=iterations, allow_affine_failure=True)
+        settings = RegisterSettings(
+            iterations=iterations, allow_affine_failure=True, check_flip=True
+        )
         records = register_batch(
             pairs, args.out / "results", "none", settings=settings, qc=args.qc
         ).records

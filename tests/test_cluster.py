@@ -115,7 +115,8 @@ def test_the_cluster_gives_the_flows_and_records_of_one_process(on_cluster, sing
     assert failed["status"] == "failed" and "pairs.csv:3" in failed["error"]
     assert "absent.nii.gz" in failed["error"] and failed["flow"] == ""
     summary = json.loads(on_cluster.summary_json.read_text())
-    assert summary["counts"] == {"ok": PAIRS, "failed": 1, "resumed": 0}
+    counts = {"ok": PAIRS, "failed": 1, "resumed": 0}
+    assert {key: summary["counts"][key] for key in counts} == counts
     assert summary["pairs"] == on_cluster.records
 
 

@@ -578,7 +578,7 @@ def test_a_second_batch_on_the_folder_stops_and_a_killed_batch_redoes_only_unfin
     assert second.exit_code == 2, second.output
     assert second.output.strip() == (
         f"vitreg: error: {out_dir}: another register-batch is writing to this folder (it "
-        f"holds {out_dir / LOCK_FILE}); let it finish, or give another --out-dir"
+        f"holds {out_dir / LOCK_FILE}); let it finish, or write to another folder"
     )
     assert first.poll() is None  # the second one stopped at once
 

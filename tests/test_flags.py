@@ -141,7 +141,9 @@ def heads(tmp_path_factory):
 )
 def test_a_normal_pair_is_ok_and_broken_ones_are_flagged(heads, tmp_path, moving, flags):
     pair = Pair(0, moving, heads / "fixed.nii.gz", heads / f"{moving}.nii.gz")
-    settings = RegisterSettings(levels=(2, 1), iterations=(30, 10), allow_affine_failure=True)
+    settings = RegisterSettings(
+        levels=(2, 1), iterations=(30, 10), allow_affine_failure=True, check_flip=True
+    )
     result = register_pair(pair, OutputPaths(tmp_path / "warped.nii.gz"), None, FRAME, settings)
     summary = result.summary()
     assert summary["qc_flag"] in flags, summary
@@ -162,7 +164,7 @@ def test_register_shows_the_flag_and_its_reasons_in_its_table_and_json(heads, ti
     args = [
         "register", heads / "fixed.nii.gz", heads / "flipped.nii.gz", "-o",
         heads / "flipped_warped.nii.gz", "--weights", tiny_checkpoint, "--levels", "2,1",
-        "--iterations", "10,5",
+        "--iterations", "10,5", "--check-flip",
     ]  # fmt: skip
     table = CliRunner().invoke(app, [str(arg) for arg in args])
     assert table.exit_code == 0, table.output

@@ -91,7 +91,8 @@ def test_shards_write_their_own_summaries_and_merge_into_the_whole_run(cohort, w
     assert merged.summary_json == folder / "summary.json"
     assert comparable(merged.records) == comparable(whole.records)
     summary = json.loads(merged.summary_json.read_text())
-    assert summary["counts"] == {"ok": PAIRS - 1, "failed": 1, "resumed": 0}
+    counts = {"ok": PAIRS - 1, "failed": 1, "resumed": 0}
+    assert {key: summary["counts"][key] for key in counts} == counts
     assert "shard" not in summary and summary["settings"] == first["settings"]
     rows = merged.summary_csv.read_text().splitlines()
     assert rows[0] == whole.summary_csv.read_text().splitlines()[0] and len(rows) == PAIRS + 1
@@ -167,3 +168,16 @@ def test_the_cli_shards_and_merges_and_exits_1_for_a_failed_pair(cohort, tmp_pat
     assert [record["name"] for record in summary["pairs"]] == [f"p{k}" for k in range(PAIRS)]
     empty = runner.invoke(app, ["batch-merge", str(tmp_path / "m")])
     assert empty.exit_code == 2 and "no shard summaries" in empty.output
+
+
+def test_a_shard_running_in_the_folder_blocks_only_the_same_shard(cohort, tmp_path):
+    from filelock import FileLock
+
+    folder = tmp_path / "array"
+    folder.mkdir()
+    running = FileLock(str(folder / f".vitreg-batch.{Shard(0, 2).stem}.lock"), timeout=0)
+    with running:  # shard 0 of a job array is writing here
+        other = batch.register_batch(cohort, folder, shard=Shard(1, 2), **FAST)
+        assert [r["name"] for r in other.records] == ["p1", "p3"]
+        with pytest.raises(VitregError, match="another register-batch is writing"):
+            batch.register_batch(cohort, folder, shard=Shard(0, 2), **FAST)

@@ -577,7 +577,7 @@ def _batch_lock(out_dir: Path, lock_file: str = LOCK_FILE) -> Iterator[None]:
     except Timeout:
         raise VitregError(
             f"{out_dir}: another register-batch is writing to this folder (it holds "
-            f"{out_dir / lock_file}); let it finish, or give another --out-dir"
+            f"{out_dir / lock_file}); let it finish, or write to another folder"
         ) from None
     except OSError as error:
         raise VitregError(f"{out_dir / lock_file}: cannot lock ({error.strerror})") from None

@@ -78,6 +78,13 @@ SmoothnessOption = Annotated[
 AffineOption = Annotated[
     bool, typer.Option(help="Affine pre-alignment (moments, rigid, affine by MI) first.")
 ]
+CheckFlipOption = Annotated[
+    bool,
+    typer.Option(
+        help="QC: also fit the left-right mirrored moving image (one more affine) and flag "
+        "the pair 'check' when it fits better (flipped?)."
+    ),
+]
 DiffeoOption = Annotated[
     bool, typer.Option(help="Diffeomorphic: integrate a stationary velocity (no folding).")
 ]
@@ -282,6 +289,7 @@ def register(
     affine: AffineOption = True,
     affine_out: AffineOutOption = None,
     allow_affine_failure: AllowFailureOption = False,
+    check_flip: CheckFlipOption = False,
     diffeo: DiffeoOption = False,
     inverse_flow: InverseOption = None,
     similarity: SimilarityOption = "ncc",
@@ -331,6 +339,7 @@ def register(
             smoothness=smoothness,
             affine=affine,
             allow_affine_failure=allow_affine_failure,
+            check_flip=check_flip,
             diffeo=diffeo,
             similarity=similarity,
             regularizer=regularizer,
@@ -409,6 +418,7 @@ def register_batch(
         ),
     ] = False,
     affine: AffineOption = True,
+    check_flip: CheckFlipOption = False,
     diffeo: DiffeoOption = False,
     prefetch: PrefetchOption = 2,
     batch_size: BatchSizeOption = 1,
@@ -454,7 +464,7 @@ def register_batch(
         settings = RegisterSettings(
             optimize=optimize, optimizer=optimizer, iterations=_integers(iterations, "iterations"),
             levels=_integers(levels, "levels"), smoothness=smoothness, affine=affine,
-            diffeo=diffeo,
+            diffeo=diffeo, check_flip=check_flip,
         )  # fmt: skip
         part = Shard.parse(shard) if shard is not None else None
         header = f"registering the pairs of {pairs} (moving to fixed) into {out_dir}"

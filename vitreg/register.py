@@ -136,10 +136,12 @@ def pre_align(
     allow_failure: bool = False,
     fixed_mask: Volume | None = None,
     moving_mask: Volume | None = None,
+    check_flip: bool = False,
 ) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...], float | None]:
     """Affine pre-alignment (RAS 4x4 fixed world -> moving world), its stages and warnings,
-    and how much better the left-right mirrored moving image fits
-    (:func:`vitreg.affine.mirror_advantage`; None where the affine failed).
+    and, with ``check_flip`` (one more affine estimate), how much better the left-right
+    mirrored moving image fits (:func:`vitreg.affine.mirror_advantage`; None without
+    ``check_flip`` or where the affine failed).
 
     A failure raises VitregError naming both files, unless ``allow_failure``: then the
     centring (or, when even that failed, the identity) is used with a warning. The
@@ -154,7 +156,9 @@ def pre_align(
             raise VitregError(f"{error.message}; {hint}") from None
         return np.eye(4), (), (f"affine pre-alignment skipped: {error}",), None
     if result.failure is None:
-        mirror = mirror_advantage(fixed, moving, result.metric_final, fixed_mask, moving_mask)
+        mirror = None
+        if check_flip:
+            mirror = mirror_advantage(fixed, moving, result.metric_final, fixed_mask, moving_mask)
         return result.affine_ras, tuple(result.stages), (), mirror
     if not allow_failure:
         raise VitregError(f"{names}: affine pre-alignment failed: {result.failure}; {hint}")
@@ -201,6 +205,7 @@ class RegisterSettings:
     sigma_update: float = GREEDY.sigma_update
     sigma_field: float = GREEDY.sigma_field
     coarse_field: bool = GREEDY.coarse_field
+    check_flip: bool = False
 
     def __post_init__(self) -> None:
         for option in ("optimize", "smoothness", "dice_weight"):
@@ -397,8 +402,9 @@ def prepare_pair(
         if progress is not None:
             progress("affine", 0, 1)
         affine_ras, stages, warnings, mirror = pre_align(
-            fixed, moving, settings.allow_affine_failure, fixed_mask, moving_mask
-        )
+            fixed, moving, settings.allow_affine_failure, fixed_mask, moving_mask,
+            settings.check_flip,
+        )  # fmt: skip
         if progress is not None:
             progress("affine", 1, 1)
     pair = frame_pair(frame, fixed, in_fixed_world(moving, affine_ras), device)

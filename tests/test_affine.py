@@ -108,10 +108,12 @@ def test_a_moving_mask_keeps_a_bright_object_outside_the_head_from_pulling_the_a
 
     def translation_error(mask) -> float:
         result = estimate_affine(fixed, moving_volume, moving_mask=mask)
-        assert result.failure is None
+        if result.failure is not None:  # pulled so far that the estimate was refused
+            return np.inf
         return float(np.linalg.norm(result.affine_ras[:3, 3] - shift))
 
-    assert translation_error(None) > 5.0  # 13 mm when written
+    # unmasked: 13 mm off, or (ITK's threads vary the optimum) refused as implausible
+    assert translation_error(None) > 5.0
     assert translation_error(load_labels(mask_path)) < 0.2  # 0.02 mm when written
 
 

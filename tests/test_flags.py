@@ -101,6 +101,8 @@ def test_fixed_uncovered_is_the_share_of_the_head_that_lands_off_the_moving_head
         ({"fixed_uncovered": 0.3}, "check", "30% of the fixed head not covered"),
         ({"mirror_advantage": 0.06}, "check", "mirrored moving image fits 6.0% better"),
         ({"mirror_advantage": 0.03}, "ok", ""),
+        ({"head_correlation": -0.6}, "check", "correlate -0.60 in the head"),
+        ({"head_correlation": 0.7}, "ok", ""),
     ],
 )
 def test_each_rule_gives_its_flag_and_names_the_indicator(change, flag, words):
@@ -125,6 +127,8 @@ def heads(tmp_path_factory):
     moving = world_head(affine, SHAPE, shift_mm=(3, -2, 1), wave_mm=2.0)
     write(folder / "moving.nii.gz", moving, affine)
     write(folder / "flipped.nii.gz", moving[::-1].copy(), affine)  # axis 0 is R-L
+    inverted = np.where(moving > 0.1 * moving.max(), moving.max() - moving, 0)
+    write(folder / "inverted.nii.gz", inverted.astype(np.float32), affine)  # T2-like contrast
     half = affine.copy()
     half[:3, 3] += affine[:3, :3] @ [0, 0, SHAPE[2] // 2]
     write(folder / "cropped.nii.gz", moving[:, :, SHAPE[2] // 2 :], half)
@@ -136,6 +140,7 @@ def heads(tmp_path_factory):
     [
         ("moving", {"ok"}),
         ("flipped", {"check"}),
+        ("inverted", {"check", "fail"}),
         ("cropped", {"check", "fail"}),
     ],
 )
@@ -152,6 +157,10 @@ def test_a_normal_pair_is_ok_and_broken_ones_are_flagged(heads, tmp_path, moving
         assert result.indicators.fixed_uncovered > 0.3, result.indicators
     if moving == "flipped":
         assert result.indicators.mirror_advantage > 0.1, result.indicators
+    if moving == "inverted":
+        assert result.indicators.head_correlation < 0, result.indicators
+    if moving == "moving":
+        assert result.indicators.head_correlation > 0.5, result.indicators
     fixed = load_image(heads / "fixed.nii.gz")
     assert result.assessment.jacdet.shape == fixed.shape
 

@@ -96,6 +96,7 @@ SUMMARY_FIELDS = (
     "moving_outside_fov",
     "fixed_uncovered",
     "mirror_advantage",
+    "head_correlation",
     *INPUT_COLUMNS,
     "warped",
     "flow",

@@ -453,9 +453,14 @@ def register_batch(
     [bold]Example:[/bold] vitreg register-batch examples/pairs.csv --out-dir results
     --iterations 10,5,0 --report
     """
-    resumes = (
-        f"the pairs finished are recorded in {out_dir / 'summary.csv'}; the same command resumes"
-    )
+
+    def resumes() -> str:
+        """What an interruption leaves: the summary (the shard's own) to resume from."""
+        from vitreg.shards import Shard
+
+        stem = "summary" if shard is None else Shard.parse(shard).stem
+        return f"the pairs finished are recorded in {out_dir / stem}.csv; the same command resumes"
+
     with user_errors(interrupted=resumes):
         from vitreg.batch import register_batch as run_batch
         from vitreg.register import RegisterSettings

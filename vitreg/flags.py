@@ -40,7 +40,10 @@ class Indicators:
     ``affine_fallback``: the affine estimate was refused and the centring used instead.
     ``mirror_advantage``: how much better (relative Mattes MI) the left-right mirrored moving
     image fits after its own affine (:func:`vitreg.affine.mirror_advantage`): a flipped
-    image; None without the affine.
+    image; None without the affine. ``head_correlation``: the (signed) Pearson correlation of
+    the fixed and the warped image's intensities over the fixed head after registration:
+    squared local NCC cannot tell an inverted or remapped contrast (another modality) from
+    the same one, the sign and the strength of this correlation can.
     ``moving_outside_fov``: the fraction of the moving head whose points the affine takes
     outside the fixed image's field of view; ``fixed_uncovered``: the fraction of the fixed
     head whose points the affine takes outside the moving image or onto its background (a
@@ -60,6 +63,7 @@ class Indicators:
     moving_outside_fov: float
     fixed_uncovered: float
     mirror_advantage: float | None = None
+    head_correlation: float | None = None
 
     def to_dict(self) -> dict:
         """Rounded, JSON-able values by name."""
@@ -81,7 +85,8 @@ class Thresholds:
     Affine: a scale outside ``scale_range`` or a shear above ``shear_max`` is 'check', a flip
     'fail', a refused estimate 'check'. Coverage: ``moving_outside_fov`` or
     ``fixed_uncovered`` above ``*_check``/``*_fail``. Handedness: ``mirror_advantage`` above
-    ``mirror_check`` is 'check'.
+    ``mirror_check`` is 'check'. Contrast: ``head_correlation`` below ``correlation_check`` is
+    'check'.
     """
 
     ncc_check: float = 0.4
@@ -98,6 +103,7 @@ class Thresholds:
     uncovered_check: float = 0.2
     uncovered_fail: float = 0.5
     mirror_check: float = 0.04
+    correlation_check: float = 0.2
 
 
 THRESHOLDS = Thresholds()
@@ -210,7 +216,20 @@ def indicators(
         moving_outside_fov=moving_outside_fov(fixed, moving, registration.affine_ras),
         fixed_uncovered=fixed_uncovered(fixed, moving, registration.affine_ras, head),
         mirror_advantage=registration.mirror_advantage,
+        head_correlation=head_correlation(fixed.data, registration.warped, head),
     )
+
+
+def head_correlation(fixed: np.ndarray, warped: np.ndarray, head: np.ndarray) -> float:
+    """Pearson correlation of ``fixed`` and ``warped`` ((X, Y, Z), the fixed grid) over
+    ``head`` ((X, Y, Z) bool; all voxels when empty); 0 where either is constant there."""
+    where = head if head.any() else np.ones(fixed.shape, dtype=bool)
+    a = fixed[where].astype(np.float64)
+    b = warped[where].astype(np.float64)
+    a -= a.mean()
+    b -= b.mean()
+    scale = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / scale) if scale > 0 else 0.0
 
 
 def qc_flag(values: Indicators, thresholds: Thresholds = THRESHOLDS) -> QcFlag:
@@ -250,6 +269,12 @@ def qc_flag(values: Indicators, thresholds: Thresholds = THRESHOLDS) -> QcFlag:
         check.append(
             f"the left-right mirrored moving image fits {100 * mirror:.1f}% better "
             f"(> {100 * t.mirror_check:.0f}%): flipped?"
+        )
+    correlation = values.head_correlation
+    if correlation is not None and correlation < t.correlation_check:
+        check.append(
+            f"fixed and warped intensities correlate {correlation:.2f} in the head "
+            f"(< {t.correlation_check}): another contrast or modality?"
         )
     for value, name, check_at, fail_at in (
         (values.moving_outside_fov, "of the moving head outside the fixed field of view",

@@ -582,6 +582,7 @@ def register(
     coarse_field: bool = GREEDY.coarse_field,
     fixed_mask: Volume | None = None,
     moving_mask: Volume | None = None,
+    check_flip: bool = False,
 ) -> Registration:
     """Register ``moving`` to ``fixed``.
 
@@ -602,7 +603,8 @@ def register(
     output and the optimised field are stationary velocities, integrated by scaling and
     squaring (``integration_steps``); a model trained diffeomorphically (``config.int_steps``
     > 0) turns it on with its own step count. The result lives on the fixed image's native
-    grid and its field includes the affine.
+    grid and its field includes the affine. ``check_flip``: also fit the left-right mirrored
+    moving image (one more affine; ``Registration.mirror_advantage``, a QC indicator).
 
     ``settings`` gives all those options in one :class:`RegisterSettings` instead (then the
     option keywords must keep their defaults).
@@ -628,6 +630,7 @@ def register(
         sigma_update=sigma_update,
         sigma_field=sigma_field,
         coarse_field=coarse_field,
+        check_flip=check_flip,
     )
     settings = settings_from(settings, options)
     settings.check_labels(labels)

@@ -29,6 +29,7 @@ INDICATORS = (
     ("moving head outside the fixed field of view", ("moving_outside_fov",), 3),
     ("fixed head not covered by the moving image", ("fixed_uncovered",), 3),
     ("mirrored moving image fits better by", ("mirror_advantage",), 3),
+    ("fixed-warped intensity correlation in the head", ("head_correlation",), 3),
     ("Dice before → after", ("dice_before", "dice_after"), 3),
     ("SDlogJ", ("sdlogj",), 3),
     ("seconds", ("seconds",), 1),

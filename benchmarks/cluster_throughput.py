@@ -1,9 +1,9 @@
 """Throughput of ``register-batch --scheduler local:N``: pairs per minute with N workers.
 
-Reproduce (the figures in the closing note of issue 19; about 2 x 8 registrations of the
-example pair at 1 mm, some 10 minutes on 2 cores):
+Reproduce (the figures of docs/batches.md; 2 x 4 registrations of the
+example pair at 1 mm, about 3 minutes on 2 cores):
 
-    python benchmarks/cluster_throughput.py --copies 8 --workers 1,2
+    python benchmarks/cluster_throughput.py --copies 4 --workers 1,2
 
 The pairs are ``--copies`` rows of one pair (default: the example pair in ``examples/``,
 each row under its own name, so each is registered and written in full), registered with

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 from pathlib import Path
+from statistics import fmean
 
 SHORT_NAMES = {
     "identity (no registration)": "identity",
@@ -19,10 +20,6 @@ SHORT_NAMES = {
     "ANTs SyN": "ANTs SyN defaults (MI)",
     "SimpleITK demons": "SimpleITK demons",
 }
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def table(rows: list[dict]) -> str:
@@ -39,9 +36,9 @@ def table(rows: list[dict]) -> str:
             if not mine:
                 cells.append("-")
                 continue
-            dice = mean([float(r["dice_mean"]) for r in mine])
-            folding = mean([float(r["percent_nonpositive"]) for r in mine])
-            seconds = mean([float(r["seconds"]) for r in mine])
+            dice = fmean([float(r["dice_mean"]) for r in mine])
+            folding = fmean([float(r["percent_nonpositive"]) for r in mine])
+            seconds = fmean([float(r["seconds"]) for r in mine])
             cells.append(f"{dice:.3f} / {folding:.3f} / {seconds:.0f}")
         lines.append(f"| {SHORT_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -14,7 +14,6 @@ summarised here in the pairs file's order.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import sys
@@ -35,6 +34,7 @@ from vitreg.field import DisplacementField, check_same_grid, warp_image
 from vitreg.files import csv_text, make_folder, write_text
 from vitreg.frame import ModelFrame
 from vitreg.labels import structure_group
+from vitreg.metrics import correlation
 from vitreg.nets.vitvnet import VitVNet
 from vitreg.pairs import LoadedPair, Pair, check_pairs, load_pair, read_pairs
 from vitreg.register import Progress, RegisterSettings, register, settings_from
@@ -120,14 +120,6 @@ class PeakMemory:
 
 
 # ------------------------------------------------------------------------------------ metrics
-
-
-def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Pearson correlation of two (X, Y, Z) images over ``mask`` voxels (0 if one is flat)."""
-    first, second = a[mask].astype(np.float64), b[mask].astype(np.float64)
-    first, second = first - first.mean(), second - second.mean()
-    norm = math.sqrt(float((first**2).sum() * (second**2).sum()))
-    return float((first * second).sum() / norm) if norm > 0 else 0.0
 
 
 def group_dice(scores: dict[int, float], names: dict[int, str]) -> dict[str, float]:

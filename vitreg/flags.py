@@ -19,6 +19,7 @@ import torch
 from vitreg.assess import Assessment
 from vitreg.frame import foreground_mask
 from vitreg.image import Volume
+from vitreg.metrics import correlation
 from vitreg.register import Registration
 from vitreg.transform import sample
 
@@ -221,15 +222,9 @@ def indicators(
 
 
 def head_correlation(fixed: np.ndarray, warped: np.ndarray, head: np.ndarray) -> float:
-    """Pearson correlation of ``fixed`` and ``warped`` ((X, Y, Z), the fixed grid) over
-    ``head`` ((X, Y, Z) bool; all voxels when empty); 0 where either is constant there."""
-    where = head if head.any() else np.ones(fixed.shape, dtype=bool)
-    a = fixed[where].astype(np.float64)
-    b = warped[where].astype(np.float64)
-    a -= a.mean()
-    b -= b.mean()
-    scale = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / scale) if scale > 0 else 0.0
+    """:func:`vitreg.metrics.correlation` of ``fixed`` and ``warped`` ((X, Y, Z), the fixed
+    grid) over ``head`` ((X, Y, Z) bool; all voxels when empty)."""
+    return correlation(fixed, warped, head if head.any() else np.ones(fixed.shape, dtype=bool))
 
 
 def qc_flag(values: Indicators, thresholds: Thresholds = THRESHOLDS) -> QcFlag:

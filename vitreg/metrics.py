@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -196,3 +197,11 @@ def jacobian_folding(flow_vox: Any, mask: Any | None = None) -> tuple[np.ndarray
     over ``mask`` (D, H, W) bool (every voxel when None): the pair every report uses."""
     jacdet = jacobian_determinant(flow_vox)
     return jacdet, folding(jacdet, mask)
+
+
+def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Pearson correlation of two (X, Y, Z) images over ``mask`` voxels (0 if one is flat)."""
+    first, second = a[mask].astype(np.float64), b[mask].astype(np.float64)
+    first, second = first - first.mean(), second - second.mean()
+    norm = math.sqrt(float((first**2).sum() * (second**2).sum()))
+    return float((first * second).sum() / norm) if norm > 0 else 0.0

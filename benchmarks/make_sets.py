@@ -68,6 +68,14 @@ Sets (1 mm unless said, each brain cropped to its mask plus 8 voxels):
   MNI152 2009a brain and the ROBEX atlas (no structure labels; 2009a is also nearly
   ICBM 2009c: CerebrA fits its ventricles as well as those of its own brain).
 
+* ``tuning``: the pairs that, with the two deformed sets, chose the optimiser's defaults
+  (``benchmarks/tune_greedy.py``), kept apart from the pairs the benchmark reports:
+  ``colin27_vs_robex`` and ``robex_vs_colin27`` (Colin27 and the ROBEX atlas as in
+  ``cross-subject``, each with its k-means tissue labels, in both directions; the reported
+  cross-subject pairs all have MNI152 as the fixed brain). ``tune_greedy.py`` also takes
+  ``icbm2009c_vs_mni152-fsl`` and ``mni152-fsl_vs_icbm2009c`` from ``inter-brain``; the
+  reported inter-brain pairs are those with Colin27.
+
 In a deformed pair the *fixed* image is the moved brain: fixed(x) = brain(x + u(x)) with the
 true pull field u written as an ITK displacement field (``true_flow.nii.gz``, LPS mm, what
 SimpleITK and antsApplyTransforms read), so registering the moving (original) brain to the
@@ -520,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
     )
     rows += write_cross(args.out, [(mni, colin_tissue), (mni, robex)])
+    tuning = write_cross(args.out, [(colin_tissue, robex), (robex, colin_tissue)])
+    rows += [{**row, "set": "tuning"} for row in tuning]
     rows += write_inter(args.out, inter)
     path = write_pairs_csv(args.out / "pairs.csv", rows)
     print(f"wrote {len(rows)} pairs to {path}", file=sys.stderr)

@@ -4,13 +4,15 @@ Each pair is prepared once (vitreg's affine pre-alignment and framing, as ``regi
 then every candidate schedule optimises it from a zero field and the result is scored like
 ``benchmarks/compare.py`` scores its rows (``vitreg.evaluate.field_metrics``: Dice with
 nearest-neighbour label warping, % det(J) <= 0 in the mask, end-point error). Prints one JSON
-line per (schedule, pair), then the mean per schedule. Only the deformed sets should be given
-(``--sets``): the real inter-brain pairs are held out for the benchmark.
+line per (schedule, pair), then the mean per schedule. Give only the tuning pairs: the
+deformed sets, the ``tuning`` set and the two inter-brain pairs without Colin27 (``--only``);
+the pairs ``compare.py`` reports are held out.
 
     python benchmarks/tune_greedy.py /tmp/vitreg-sets/pairs.csv --threads 2 \\
-        --sets colin27-aal,mni152-tissue \\
-        --schedule '{"sigma_update": 2.5, "sigma_field": 1.0}' \\
-        --schedule '{"sigma_update": 3.5, "sigma_field": 1.0}'
+        --sets colin27-aal,mni152-tissue,tuning \\
+        --only icbm2009c_vs_mni152-fsl,mni152-fsl_vs_icbm2009c \\
+        --schedule '{"sigma_update": 2.5, "compositive": true}' \\
+        --schedule '{"sigma_update": 1.732, "compositive": true}'
 
 A schedule is a JSON object of :class:`vitreg.optimize.GreedySchedule` fields; the fields it
 does not give keep their defaults.
@@ -44,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pairs", help="pairs.csv from make_sets.py")
     parser.add_argument("--sets", default="colin27-aal,mni152-tissue", help="comma-separated")
+    parser.add_argument("--only", help="comma-separated pair names, added to --sets' pairs")
     parser.add_argument("--schedule", action="append", required=True, help="JSON, repeatable")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     wanted = set(args.sets.split(","))
-    pairs = [pair for pair in read_pairs(args.pairs) if pair.set in wanted]
+    names = set(args.only.split(",")) if args.only else set()
+    pairs = [pair for pair in read_pairs(args.pairs) if pair.set in wanted or pair.name in names]
     schedules = [schedule_from(text) for text in args.schedule]
     scores: dict[int, list[float]] = {i: [] for i in range(len(schedules))}
     for pair in pairs:

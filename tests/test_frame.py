@@ -22,6 +22,7 @@ from vitreg.frame import (
     frame_pair,
     grid_coordinates,
     normalise,
+    on_lattice,
     resample,
 )
 from vitreg.image import load_image, load_labels
@@ -177,6 +178,36 @@ def test_frame_pair_puts_both_images_on_one_grid_centred_on_the_fixed_head(tmp_p
     centres = [ndimage.center_of_mass(w) for w in weights]
     assert centres[1][0] - centres[0][0] == pytest.approx(-4 / 2.5, abs=0.1)
     assert centres[1][1:] == pytest.approx(centres[0][1:], abs=0.15)
+
+
+def test_frame_pair_puts_the_frame_on_the_fixed_voxels_so_the_fixed_image_is_copied(tmp_path):
+    shape = (30, 34, 26)
+    affine = grid_affine(np.diag([-1.0, 1.0, 1.0]), shape, (0.3, -0.2, 0.1))  # LAS, 1 mm
+    fixed = load_image(write(tmp_path / "fixed.nii.gz", blob_image(shape, seed=3), affine))
+    frame = ModelFrame(
+        orientation="LIA", spacing=(1.0, 1.0, 1.0), shape=(32, 36, 30), intensity_divisor=2000.0
+    )
+    centred = frame_affine(frame, foreground_center_mm(fixed))
+    # An even frame centred on the head puts its voxels half-way between the fixed ones ...
+    assert not np.allclose((np.linalg.inv(affine) @ centred)[:3, 3] % 1, 0)
+    pair = frame_pair(frame, fixed, fixed)
+    # ... frame_pair moves it by less than a voxel, onto them, and reads voxels unblended:
+    # the same as nibabel's nearest-neighbour resampling.
+    assert np.abs(pair.affine - centred).max() <= 0.5 + 1e-9
+    np.testing.assert_allclose(pair.affine[:3, :3], centred[:3, :3])
+    nearest = resample_from_to(
+        nib.load(str(fixed.path)), (frame.shape, pair.affine), order=0, cval=0.0
+    )
+    expected = normalise(frame, torch.from_numpy(nearest.get_fdata().astype(np.float32)))
+    np.testing.assert_allclose(pair.fixed[0, 0].numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_on_lattice_leaves_a_grid_of_other_axes_or_spacing_alone():
+    frame = frame_affine(ModelFrame(shape=(32, 36, 30)), np.array([0.3, 0.1, 0.0]))
+    rotated = grid_affine(rotation(10, 2), (30, 34, 26))
+    coarser = grid_affine(np.diag([2.0, 2.0, 2.0]), (30, 34, 26))
+    for lattice in (rotated, coarser):
+        np.testing.assert_array_equal(on_lattice(frame, lattice), frame)
 
 
 def test_a_frame_voxel_flow_becomes_the_world_vector_of_its_axis(tmp_path):

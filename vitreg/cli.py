@@ -65,7 +65,7 @@ IterationsOption = Annotated[
     str | None,
     typer.Option(
         help="Iterations at each level, e.g. 100,30,10 (or 100x30x10, as greedy's -n). "
-        "Default greedy: 100,30,10 on levels 4,2,1 (20,5 on 2,1 after a network)."
+        "Default greedy: 100,50,20 on levels 4,2,1 (20,5 on 2,1 after a network)."
     ),
 ]
 LevelsOption = Annotated[
@@ -171,11 +171,19 @@ WindowOption = Annotated[
 ]
 SigmaUpdateOption = Annotated[
     float | None,
-    typer.Option(help="--optimizer greedy: Gaussian sigma of each update, voxels (default 3.5)."),
+    typer.Option(help="--optimizer greedy: Gaussian sigma of each update, voxels (default 2)."),
 ]
 SigmaFieldOption = Annotated[
     float | None,
-    typer.Option(help="--optimizer greedy: Gaussian sigma of the field, voxels (default 1)."),
+    typer.Option(help="--optimizer greedy: Gaussian sigma of the field, voxels (default 0.7071)."),
+]
+AdditiveOption = Annotated[
+    bool,
+    typer.Option(
+        "--additive",
+        help="--optimizer greedy: add each update to the field instead of composing the two "
+        "(a little faster; may fold where the motion is large).",
+    ),
 ]
 
 # register-batch's and evaluate's own options
@@ -298,6 +306,7 @@ def register(
     window: WindowOption = None,
     sigma_update: SigmaUpdateOption = None,
     sigma_field: SigmaFieldOption = None,
+    additive: AdditiveOption = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -345,6 +354,7 @@ def register(
             regularizer=regularizer,
             dice_weight=dice_weight,
             **_given(window=window, sigma_update=sigma_update, sigma_field=sigma_field),
+            **({"compositive": False} if additive else {}),
         )
         pair = Pair(
             0, moving.name, fixed, moving, fixed_labels, moving_labels,

@@ -90,6 +90,25 @@ def frame_affine(frame: ModelFrame, center_mm: np.ndarray) -> np.ndarray:
     return affine
 
 
+def on_lattice(grid_affine: np.ndarray, lattice_affine: np.ndarray) -> np.ndarray:
+    """``grid_affine`` (4x4 voxel -> RAS mm) shifted by less than a voxel so that its voxel
+    centres fall on those of the grid ``lattice_affine``, when the two grids' axes agree up to
+    order and sign with the same spacing; otherwise ``grid_affine`` unchanged.
+
+    Then reading an image of that grid onto the frame copies voxels instead of blending
+    neighbours (a linear read half-way between voxels blurs the image)."""
+    to_lattice = np.linalg.inv(lattice_affine) @ grid_affine
+    linear = to_lattice[:3, :3]
+    if not np.allclose(linear, np.round(linear), atol=1e-4) or not np.allclose(
+        np.abs(np.round(linear)).sum(axis=0), 1
+    ):
+        return grid_affine
+    snapped = to_lattice.copy()
+    snapped[:3, :3] = np.round(linear)
+    snapped[:3, 3] = np.round(to_lattice[:3, 3])
+    return lattice_affine @ snapped
+
+
 def foreground_mask(data: np.ndarray) -> np.ndarray:
     """Voxels above 10% of the robust maximum (99th percentile of non-zero voxels): the head."""
     nonzero = data[data > 0]
@@ -165,7 +184,7 @@ def frame_pair(
     The images must already be roughly aligned in world space (as after FreeSurfer or an
     affine registration): both are read through world coordinates onto the same grid.
     """
-    affine = frame_affine(frame, foreground_center_mm(fixed))
+    affine = on_lattice(frame_affine(frame, foreground_center_mm(fixed)), fixed.affine)
     framed = [frame_image(frame, volume, affine, device) for volume in (fixed, moving)]
     return FramedPair(fixed=framed[0], moving=framed[1], affine=affine)
 

@@ -13,8 +13,11 @@ coarse-to-fine pyramid, each iteration:
    sums by box filters; no autograd through the warp) times the spatial gradient of
    ``warped``: the direction in which a small displacement raises the similarity most;
 3. smooths that direction with a Gaussian (``sigma_update``), scales it so that its longest
-   vector is ``step`` voxels, adds it to the field and smooths the field with a Gaussian
-   (``sigma_field``): the regularisation, instead of a penalty weight.
+   vector is ``step`` voxels, composes it with the field (``u <- v + u o (id + v)``: the
+   update moves the points first, as greedy and ANTs do; ``compositive=False`` adds it) and
+   smooths the field with a Gaussian (``sigma_field``): the regularisation, instead of a
+   penalty weight. The direction in step 2 is the gradient for a composed update (the
+   warped image's own gradient), and composing keeps det(J) positive where adding folds.
 
 With ``diffeo`` the optimised state is a stationary velocity (updated and smoothed the same
 way) whose exponential (scaling and squaring) is the displacement, so det(J) stays positive.
@@ -57,23 +60,29 @@ class GreedySchedule:
     level); ``sigma_update`` and ``sigma_field`` (Gaussian standard deviations, voxels of each
     level); ``step``, the longest update (voxels of each level); ``diffeo`` (a stationary
     velocity, integrated in ``integration_steps``); ``coarse_field``: at level 1 the field
-    lives on a grid of half the resolution while the images are compared at full resolution.
+    lives on a grid of half the resolution while the images are compared at full resolution;
+    ``compositive``: compose each update with the field (else add it; a velocity is always
+    added to).
 
-    The defaults were chosen on the benchmark's deformed sets (Colin27 and MNI152 under known
-    smooth deformations; ``benchmarks/README.md``): among sigma_update 1.732 / 2.5 / 3.5,
-    sigma_field 0.7071 / 1, 10 or 20 iterations at full resolution and ``coarse_field``,
-    these gave the highest mean Dice, with no folding, in 15 s on 2 CPU cores.
+    The defaults were chosen on the tuning pairs (``benchmarks/README.md``, ``tune_greedy.py``):
+    the two deformed sets (Colin27 and MNI152 under known smooth deformations) and four pairs
+    of different brains that the benchmark does not report (Colin27 and ROBEX both ways, ICBM
+    2009c and FSL MNI152 both ways). Among sigma_update 1.732 / 2 / 2.5,
+    sigma_field 0.5 / 0.7071, 10 or 20 iterations at full resolution, step 1 / 1.5, added
+    or composed updates, these lost least to greedy on the pairs of different brains while
+    beating it on both deformed sets, with no folding (about 25 s on 2 CPU cores).
     """
 
     levels: tuple[int, ...] = (4, 2, 1)
-    iterations: tuple[int, ...] = (100, 30, 10)
+    iterations: tuple[int, ...] = (100, 50, 20)
     window: int = 5
-    sigma_update: float = 3.5
-    sigma_field: float = 1.0
+    sigma_update: float = 2.0
+    sigma_field: float = 0.7071
     step: float = 1.0
     diffeo: bool = False
     integration_steps: int = 6
     coarse_field: bool = False
+    compositive: bool = True
 
     def __post_init__(self) -> None:
         if len(self.levels) != len(self.iterations) or not self.levels:
@@ -370,6 +379,39 @@ class CostMasks:
         return self.fixed is not None or self.moving is not None
 
 
+def _displaced_locations(
+    base: torch.Tensor, displacement: torch.Tensor, scale: Sequence[float], out: torch.Tensor
+) -> torch.Tensor:
+    """grid_sample's locations (1, d, h, w, 3) of ``base`` moved by ``displacement`` (1, 3, d,
+    h, w) voxels, ``scale`` per array axis (voxels to grid_sample's units), into ``out``."""
+    for axis in range(3):
+        torch.add(
+            base[..., 2 - axis], displacement[:, axis], alpha=scale[axis], out=out[..., 2 - axis]
+        )
+    return out
+
+
+class FieldComposer:
+    """Composes displacement fields of one grid (D, H, W) in place, with its buffers."""
+
+    def __init__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> None:
+        self.scale = [2.0 / max(int(n) - 1, 1) for n in shape]
+        grid = identity_grid(shape, device, dtype)
+        # grid_sample's locations (1, D, H, W, 3), last array axis first, corners at -1 and 1
+        self.base = torch.empty(1, *shape, 3, device=device, dtype=dtype)
+        for axis in range(3):
+            torch.mul(grid[:, axis], self.scale[axis], out=self.base[..., 2 - axis]).sub_(1.0)
+        self.locations = torch.empty_like(self.base)
+
+    def compose_(self, state: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """``state`` (1, 3, D, H, W) voxels becomes the displacement of ``update`` followed by
+        ``state``: ``update(x) + state(x + update(x))`` (trilinear, edge values extended), in
+        place; returns ``state``."""
+        _displaced_locations(self.base, update, self.scale, self.locations)
+        moved = F.grid_sample(state, self.locations, padding_mode="border", align_corners=True)
+        return torch.add(moved, update, out=state)
+
+
 class _Level:
     """One level's images and buffers: the fixed box's ``windows``, the whole ``moving``
     frame at this level (with the moving mask as a second channel, so that one grid_sample
@@ -405,19 +447,14 @@ class _Level:
         self.direction = torch.empty(1, 3, *field_shape, device=device, dtype=dtype)
         self.scratch = torch.empty(1, 3, *field_shape, device=device, dtype=dtype)
         self.field_voxel = box.shape[2] / field_shape[0]  # image voxels per field voxel
+        self.composer = FieldComposer(field_shape, device, dtype) if schedule.compositive else None
 
     def step(self, state: torch.Tensor, schedule: GreedySchedule) -> torch.Tensor:
         """One iteration on ``state`` (1, 3, d, h, w), updated in place and returned."""
         displacement = schedule.displacement(state)
         if self.field_voxel != 1:
             displacement = resize_flow(displacement, self.base.shape[1:4], align_corners=False)
-        for axis in range(3):
-            torch.add(
-                self.base[..., 2 - axis],
-                displacement[:, axis],
-                alpha=self.scale[axis],
-                out=self.locations[..., 2 - axis],
-            )
+        _displaced_locations(self.base, displacement, self.scale, self.locations)
         sampled = F.grid_sample(self.moving, self.locations, align_corners=True)
         warped = sampled[:, :1]
         weight = self._weight(sampled)
@@ -433,7 +470,11 @@ class _Level:
         )
         longest = float(torch.mul(smoothed, smoothed, out=self._spare(smoothed)).sum(1).max())
         if longest > 0:
-            state.add_(smoothed, alpha=schedule.step / self.field_voxel / longest**0.5)
+            scale = schedule.step / self.field_voxel / longest**0.5
+            if self.composer is not None and not schedule.diffeo:
+                self.composer.compose_(state, smoothed.mul_(scale))
+            else:
+                state.add_(smoothed, alpha=scale)
         smoothed_state = gaussian_smooth_(state, self._spare(state), schedule.sigma_field)
         if smoothed_state is not state:
             state.copy_(smoothed_state)

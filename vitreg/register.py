@@ -56,7 +56,7 @@ AFTER_NETWORK = ((2, 1), (20, 5))
 ADAM_LEVELS = (4, 2)
 ADAM_STEPS = 100
 ADAM_OPTIONS = ("smoothness", "similarity", "regularizer", "learning_rate", "dice_weight")
-GREEDY_OPTIONS = ("window", "sigma_update", "sigma_field", "coarse_field")
+GREEDY_OPTIONS = ("window", "sigma_update", "sigma_field", "coarse_field", "compositive")
 INVERSE_ITERATIONS = 30
 INVERSE_SHRINK = 2
 INVERSE_TOLERANCE_VOX = 0.01  # stop the fixed-point iteration once no voxel moves more
@@ -174,7 +174,8 @@ class RegisterSettings:
 
     - ``optimizer``: 'greedy' (the default: :func:`vitreg.optimize.greedy_optimize`, local
       NCC over ``window``^3 voxels, Gaussian smoothing of the update and of the field with
-      ``sigma_update`` and ``sigma_field`` voxels, ``coarse_field`` at full resolution) or
+      ``sigma_update`` and ``sigma_field`` voxels, ``coarse_field`` at full resolution,
+      updates composed with the field or, without ``compositive``, added to it) or
       'adam' (:func:`vitreg.optimize.optimize_flow`: ``similarity`` + ``smoothness`` x
       ``regularizer``, ``learning_rate``, Dice guidance with ``dice_weight``).
     - ``levels``: downsampling factors, coarse to fine (None: the optimiser's default);
@@ -205,6 +206,7 @@ class RegisterSettings:
     sigma_update: float = GREEDY.sigma_update
     sigma_field: float = GREEDY.sigma_field
     coarse_field: bool = GREEDY.coarse_field
+    compositive: bool = GREEDY.compositive
     check_flip: bool = False
 
     def __post_init__(self) -> None:
@@ -280,6 +282,7 @@ class RegisterSettings:
             diffeo=self.diffeo,
             integration_steps=self.integration_steps,
             coarse_field=self.coarse_field,
+            compositive=self.compositive,
         )
 
     def to_dict(self) -> dict:

@@ -379,6 +379,20 @@ class CostMasks:
         return self.fixed is not None or self.moving is not None
 
 
+def _sampling_grid(
+    origin: torch.Tensor, sampled_shape: Sequence[int]
+) -> tuple[torch.Tensor, list[float]]:
+    """grid_sample's locations (1, d, h, w, 3) of the voxel positions ``origin`` (1, 3, d, h,
+    w) in a volume of ``sampled_shape`` (last array axis first, corners at -1 and 1:
+    location = origin * scale - 1 per axis), and each array axis's ``scale`` (voxels to
+    grid_sample's units)."""
+    scale = [2.0 / max(int(n) - 1, 1) for n in sampled_shape]
+    base = origin.new_empty(1, *origin.shape[2:], 3)
+    for axis in range(3):
+        torch.mul(origin[:, axis], scale[axis], out=base[..., 2 - axis]).sub_(1.0)
+    return base, scale
+
+
 def _displaced_locations(
     base: torch.Tensor, displacement: torch.Tensor, scale: Sequence[float], out: torch.Tensor
 ) -> torch.Tensor:
@@ -392,15 +406,12 @@ def _displaced_locations(
 
 
 class FieldComposer:
-    """Composes displacement fields of one grid (D, H, W) in place, with its buffers."""
+    """Composes displacement fields of one grid (D, H, W) in place: what
+    :func:`vitreg.transform.compose` computes, with its sampling grid made once instead of
+    at every call (the optimisation's hot path)."""
 
     def __init__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> None:
-        self.scale = [2.0 / max(int(n) - 1, 1) for n in shape]
-        grid = identity_grid(shape, device, dtype)
-        # grid_sample's locations (1, D, H, W, 3), last array axis first, corners at -1 and 1
-        self.base = torch.empty(1, *shape, 3, device=device, dtype=dtype)
-        for axis in range(3):
-            torch.mul(grid[:, axis], self.scale[axis], out=self.base[..., 2 - axis]).sub_(1.0)
+        self.base, self.scale = _sampling_grid(identity_grid(shape, device, dtype), shape)
         self.locations = torch.empty_like(self.base)
 
     def compose_(self, state: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -435,19 +446,15 @@ class _Level:
         self.weight = torch.empty_like(box) if masks.any else None
         offset = torch.tensor([s // factor for s in region.start], device=device, dtype=dtype)
         origin = identity_grid(box.shape[2:], device, dtype) + offset.view(1, 3, 1, 1, 1)
-        # grid_sample's locations (1, d, h, w, 3), last array axis first, corners at -1 and 1:
-        # location = origin * scale - 1 + displacement * scale, per axis.
-        self.scale = [2.0 / max(n - 1, 1) for n in self.moving.shape[2:]]
-        self.base = torch.empty(1, *box.shape[2:], 3, device=device, dtype=dtype)
-        for axis in range(3):
-            torch.mul(origin[:, axis], self.scale[axis], out=self.base[..., 2 - axis]).sub_(1.0)
+        self.base, self.scale = _sampling_grid(origin, self.moving.shape[2:])
         self.locations = torch.empty_like(self.base)
         self.ncc = NccWorkspace(box.shape[2:], device, dtype)
         self.image_direction = torch.empty(1, 3, *box.shape[2:], device=device, dtype=dtype)
         self.direction = torch.empty(1, 3, *field_shape, device=device, dtype=dtype)
         self.scratch = torch.empty(1, 3, *field_shape, device=device, dtype=dtype)
         self.field_voxel = box.shape[2] / field_shape[0]  # image voxels per field voxel
-        self.composer = FieldComposer(field_shape, device, dtype) if schedule.compositive else None
+        composed = schedule.compositive and not schedule.diffeo  # a velocity is added to
+        self.composer = FieldComposer(field_shape, device, dtype) if composed else None
 
     def step(self, state: torch.Tensor, schedule: GreedySchedule) -> torch.Tensor:
         """One iteration on ``state`` (1, 3, d, h, w), updated in place and returned."""
@@ -471,7 +478,7 @@ class _Level:
         longest = float(torch.mul(smoothed, smoothed, out=self._spare(smoothed)).sum(1).max())
         if longest > 0:
             scale = schedule.step / self.field_voxel / longest**0.5
-            if self.composer is not None and not schedule.diffeo:
+            if self.composer is not None:
                 self.composer.compose_(state, smoothed.mul_(scale))
             else:
                 state.add_(smoothed, alpha=scale)

@@ -9,6 +9,8 @@ here is the ITK fixed-to-moving transform that antsApplyTransforms and SimpleITK
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,12 @@ MIN_OVERLAP = 0.01  # share of the smaller foreground covered by the other after
 SCALE_RANGE = (0.5, 2.0)  # plausible singular values of the linear part (head to head)
 MAX_ANISOTROPY = 1.6  # ratio of the largest to the smallest singular value (shear / stretch)
 SEED = 7
+# With more than one ITK thread the same pair gave affines up to 0.002 apart (matrix entries)
+# from run to run, and the registration after them differed by up to 0.002 Dice; a
+# registration's own setting (SetNumberOfThreads) did not help. One thread for ITK while the
+# affine is estimated makes it the same on every run and every machine (about 1 s more for a
+# 1 mm brain on this project's 2-core machine).
+AFFINE_THREADS = 1
 # First step lengths (mm of the largest point shift, through the physical-shift scales). The
 # affine's 12 parameters need the smaller one: at 2 mm its first step halved the scales of a
 # 5 cm test head and never came back.
@@ -225,6 +233,17 @@ def _masked(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
     return image if mask is None else sitk.Mask(image, mask)
 
 
+@contextmanager
+def itk_threads(count: int) -> Iterator[None]:
+    """SimpleITK's default number of threads set to ``count`` inside the block (restored)."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(count)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def estimate_affine(
     fixed: Volume,
     moving: Volume,
@@ -240,8 +259,20 @@ def estimate_affine(
     and the centring as ``affine_ras``; one no better than the centring keeps the centring.
     ``fixed_mask``/``moving_mask``: cost-function masks on each image's grid (nonzero
     inside): the centring and the overlap check see only the voxels inside them, and the
-    metric only samples points inside both (ITK's metric masks).
+    metric only samples points inside both (ITK's metric masks). ITK runs on one thread
+    here (``AFFINE_THREADS``), so the result is the same on every run.
     """
+    with itk_threads(AFFINE_THREADS):
+        return _estimate_affine(fixed, moving, fixed_mask, moving_mask)
+
+
+def _estimate_affine(
+    fixed: Volume,
+    moving: Volume,
+    fixed_mask: Volume | None,
+    moving_mask: Volume | None,
+) -> AffineResult:
+    """:func:`estimate_affine` with ITK's threads as they are set."""
     names = f"{fixed.path}, {moving.path}"
     fixed_image = _working_copy(to_sitk_image(fixed))
     moving_image = _working_copy(to_sitk_image(moving))

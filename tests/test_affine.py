@@ -13,6 +13,7 @@ from vitreg.affine import (
     RAS_TO_LPS,
     estimate_affine,
     from_sitk,
+    itk_threads,
     load_affine,
     save_affine,
     to_sitk,
@@ -151,3 +152,20 @@ def test_the_affine_is_the_same_on_every_run_whatever_itk_threads_are_set():
     assert not np.allclose(runs[0], np.eye(4), atol=1e-3)  # it did move the moving image
     for other in runs[1:]:
         np.testing.assert_array_equal(other, runs[0])
+
+
+def test_itk_threads_blocks_that_overlap_in_threads_restore_the_setting_once_all_close():
+    # Two threads' blocks need not close in the order they opened (A opens, B opens, A
+    # closes, B closes): the setting must hold until the last closes, then come back.
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)
+    try:
+        first, second = itk_threads(1), itk_threads(1)
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
+        second.__exit__(None, None, None)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)

@@ -9,6 +9,7 @@ here is the ITK fixed-to-moving transform that antsApplyTransforms and SimpleITK
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ SCALE_RANGE = (0.5, 2.0)  # plausible singular values of the linear part (head t
 MAX_ANISOTROPY = 1.6  # ratio of the largest to the smallest singular value (shear / stretch)
 SEED = 7
 # With more than one ITK thread the same pair gave affines up to 0.002 apart (matrix entries)
-# from run to run, and the registration after them differed by up to 0.002 Dice; a
+# from run to run, and the registration after them differed by 0.0015 Dice on a pair; a
 # registration's own setting (SetNumberOfThreads) did not help. One thread for ITK while the
 # affine is estimated makes it the same on every run and every machine (about 1 s more for a
 # 1 mm brain on this project's 2-core machine).
@@ -233,15 +234,34 @@ def _masked(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
     return image if mask is None else sitk.Mask(image, mask)
 
 
+_itk_threads_lock = threading.Lock()
+_itk_threads_users = 0  # blocks of itk_threads open now, in any thread
+_itk_threads_before = 0  # the default when the first of them opened
+
+
 @contextmanager
 def itk_threads(count: int) -> Iterator[None]:
-    """SimpleITK's default number of threads set to ``count`` inside the block (restored)."""
-    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(count)
+    """SimpleITK's default number of threads set to ``count`` while the block is open.
+
+    The setting is global to the process, so blocks that overlap in several threads (a
+    Dask worker with more than one thread, a batch's loader thread) share it: the first to
+    open sets it, the last to close restores what was there before. Overlapping blocks
+    must ask for the same ``count``."""
+    global _itk_threads_users, _itk_threads_before
+    with _itk_threads_lock:
+        if _itk_threads_users == 0:
+            _itk_threads_before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(count)
+        elif sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() != count:
+            raise RuntimeError(f"itk_threads({count}) inside a block of another count")
+        _itk_threads_users += 1
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+        with _itk_threads_lock:
+            _itk_threads_users -= 1
+            if _itk_threads_users == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_itk_threads_before)
 
 
 def estimate_affine(

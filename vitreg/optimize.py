@@ -10,14 +10,18 @@ coarse-to-fine pyramid, each iteration:
 
 1. warps the moving image with the current field, ``warped(x) = moving(x + u(x))``;
 2. takes the gradient of the summed local NCC with respect to ``warped`` in closed form (window
-   sums by box filters; no autograd through the warp) times the spatial gradient of
-   ``warped``: the direction in which a small displacement raises the similarity most;
+   sums by box filters; no autograd through the warp) times the moving image's spatial
+   gradient read through the field, ``(grad moving)(x + u(x))`` (read in the same
+   ``grid_sample`` as the image): the derivative of the similarity with respect to the
+   displacement at each voxel, the direction in which a small displacement raises it most;
 3. smooths that direction with a Gaussian (``sigma_update``), scales it so that its longest
    vector is ``step`` voxels, composes it with the field (``u <- v + u o (id + v)``: the
    update moves the points first, as greedy and ANTs do; ``compositive=False`` adds it) and
    smooths the field with a Gaussian (``sigma_field``): the regularisation, instead of a
-   penalty weight. The direction in step 2 is the gradient for a composed update (the
-   warped image's own gradient), and composing keeps det(J) positive where adding folds.
+   penalty weight. Composing keeps det(J) positive where adding folds. greedy takes the
+   direction the same way; ``moving_gradient=False`` takes the warped image's own central
+   differences instead (the gradient for a composed update), which registered pairs of
+   different brains less well (``benchmarks/README.md``).
 
 With ``diffeo`` the optimised state is a stationary velocity (updated and smoothed the same
 way) whose exponential (scaling and squaring) is the displacement, so det(J) stays positive.
@@ -62,7 +66,9 @@ class GreedySchedule:
     velocity, integrated in ``integration_steps``); ``coarse_field``: at level 1 the field
     lives on a grid of half the resolution while the images are compared at full resolution;
     ``compositive``: compose each update with the field (else add it; a velocity is always
-    added to).
+    added to); ``moving_gradient``: the update's direction uses the moving image's gradient
+    read through the field (greedy's choice), else (and always with a moving cost-function
+    mask) the warped image's own gradient.
 
     The defaults were chosen on the tuning pairs (``benchmarks/README.md``, ``tune_greedy.py``):
     the two deformed sets (Colin27 and MNI152 under known smooth deformations) and four pairs
@@ -83,6 +89,7 @@ class GreedySchedule:
     integration_steps: int = 6
     coarse_field: bool = False
     compositive: bool = True
+    moving_gradient: bool = True
 
     def __post_init__(self) -> None:
         if len(self.levels) != len(self.iterations) or not self.levels:
@@ -425,18 +432,29 @@ class FieldComposer:
 
 class _Level:
     """One level's images and buffers: the fixed box's ``windows``, the whole ``moving``
-    frame at this level (with the moving mask as a second channel, so that one grid_sample
-    reads both), and where the box's voxels lie in it (``base``, grid_sample's form)."""
+    frame at this level (with its spatial gradient and the moving mask as further channels,
+    so that one grid_sample reads them all), and where the box's voxels lie in it (``base``,
+    grid_sample's form)."""
 
     def __init__(self, fixed: torch.Tensor, moving: torch.Tensor, region: Region, factor: int,
                  schedule: GreedySchedule, field_shape: Sequence[int],
                  masks: CostMasks = CostMasks()) -> None:  # fmt: skip
         box = region.crop(_shrink(fixed, factor), factor).contiguous()
         self.windows = FixedWindows.of(box, schedule.window)
+        # The moving channels that one grid_sample reads through the field: the image, its
+        # spatial gradient (3, when schedule.moving_gradient) and the moving mask (when given).
+        moving = _shrink(moving, factor)
         self.moving_masked = masks.moving is not None
-        if self.moving_masked:
-            moving = torch.cat([moving, masks.moving.to(moving.dtype)], dim=1)
-        self.moving = _shrink(moving, factor)
+        moving_mask = _shrink(masks.moving.to(moving.dtype), factor) if self.moving_masked else None
+        channels = [moving]
+        # With a moving mask the warped image's own gradient: the moving one read through the
+        # field let a masked-out lesion roughen the field beside it (tests/test_masks.py).
+        self.gradient_read = schedule.moving_gradient and moving_mask is None
+        if self.gradient_read:
+            channels.append(spatial_gradient(moving))
+        if moving_mask is not None:
+            channels.append(moving_mask)
+        self.moving = torch.cat(channels, dim=1) if len(channels) > 1 else moving
         device, dtype = fixed.device, fixed.dtype
         # A block's share of mask voxels (not a thresholded one): the weight of its NCC term.
         self.fixed_weight = None
@@ -468,7 +486,10 @@ class _Level:
         gradient, _ = ncc_gradient_(self.windows, warped, self.ncc, weight)
         if weight is not None:
             gradient.mul_(weight)  # and no update at the masked voxels themselves
-        direction = spatial_gradient_(warped, self.image_direction).mul_(gradient)
+        if self.gradient_read:
+            direction = torch.mul(sampled[:, 1:4], gradient, out=self.image_direction)
+        else:
+            direction = spatial_gradient_(warped, self.image_direction).mul_(gradient)
         if self.field_voxel != 1:
             direction = F.interpolate(direction, size=state.shape[2:], mode="area")
         self.direction.copy_(direction)
@@ -489,13 +510,14 @@ class _Level:
 
     def _weight(self, sampled: torch.Tensor) -> torch.Tensor | None:
         """The masks' weight of each box voxel (1, 1, d, h, w) in ``self.weight``, or None:
-        the fixed mask's share times the moving mask read through the field (channel 1 of
-        ``sampled``)."""
+        the fixed mask's share times the moving mask read through the field (the last channel
+        of ``sampled``)."""
         if self.weight is None:
             return None
+        moving_weight = sampled[:, -1:]
         if self.moving_masked and self.fixed_weight is not None:
-            return torch.mul(sampled[:, 1:2], self.fixed_weight, out=self.weight)
-        return self.weight.copy_(sampled[:, 1:2] if self.moving_masked else self.fixed_weight)
+            return torch.mul(moving_weight, self.fixed_weight, out=self.weight)
+        return self.weight.copy_(moving_weight if self.moving_masked else self.fixed_weight)
 
     def _spare(self, busy: torch.Tensor) -> torch.Tensor:
         """Whichever of the two field-sized buffers is not ``busy``."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vitreg.errors import VitregError
+from vitreg.files import atomic_path
 from vitreg.image import load_image, load_labels, save
 
 AFFINE = np.array([[-1.0, 0, 0, 90], [0, 1.2, 0, -120], [0, 0, 0.9, -70], [0, 0, 0, 1]])
@@ -84,6 +85,21 @@ def test_save_copies_the_reference_header_and_leaves_no_temporary(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+def test_an_interrupt_right_after_the_temporary_is_made_leaves_nothing(tmp_path, monkeypatch):
+    # Ctrl-C (KeyboardInterrupt) lands at the first step after mkstemp made the file.
+    real_close = os.close
+
+    def close_then_interrupted(handle: int) -> None:
+        real_close(handle)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "close", close_then_interrupted)
+        with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "out.nii.gz"):
+            pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_output_is_refused_before_writing(tmp_path):

@@ -37,14 +37,15 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         )
     except OSError as error:
         raise VitregError(f"{target}: cannot write ({error.strerror})") from None
-    os.close(handle)
-    temporary = Path(name)
+    # The cleanup is armed at once: a signal (KeyboardInterrupt) even between the file's
+    # creation and its first use must not leave it behind.
     try:
-        yield temporary
-        os.chmod(temporary, plain_file_mode())
-        os.replace(temporary, target)
+        os.close(handle)
+        yield Path(name)
+        os.chmod(name, plain_file_mode())
+        os.replace(name, target)
     except BaseException as error:
-        temporary.unlink(missing_ok=True)
+        Path(name).unlink(missing_ok=True)
         if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
             raise VitregError(f"{target}: cannot write ({error.strerror})") from None
         raise

@@ -307,7 +307,10 @@ def test_batches_of_two_give_the_flows_and_records_of_batch_size_one(grouped, mo
     for record, single in zip(records, runs[1].records, strict=True):
         if record["status"] == "ok":
             flow = nib.load(record["flow"]).get_fdata()  # mm, the affine included
-            np.testing.assert_allclose(flow, nib.load(single["flow"]).get_fdata(), atol=1e-5)
+            # Batched convolutions round differently; the optimiser after the network carries
+            # that float noise on (up to 2.4e-5 mm with the field's sigma 0.5 at full
+            # resolution). A mixed-up pair differs by tenths of a millimetre.
+            np.testing.assert_allclose(flow, nib.load(single["flow"]).get_fdata(), atol=1e-4)
             assert record["seconds"] > 0
 
 

@@ -52,6 +52,11 @@ def test_the_command_line_reports_its_flags(tmp_path):
         (["--optimizer", "adam", "--dice-weight", "1"], "--dice-weight 1.0: needs --fixed-labels"),
         (["--levels", "4,x"], "--levels 4,x: expected integers separated by ',' or 'x'"),
         (["--similarity", "mi"], "--similarity mi: applies to the other optimiser"),
+        (["--sigma-field-full", "-1"], "vitreg: error: --sigma-field-full -1.0: must be >= 0"),
+        (
+            ["--optimizer", "adam", "--sigma-field-full", "0.3"],
+            "--sigma-field-full 0.3: applies to the other optimiser",
+        ),
         (["--no-affine", "--affine-out", "a.mat"], "--affine-out a.mat: needs --affine"),
     ]
     for extra, expected in cases:

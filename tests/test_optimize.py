@@ -147,7 +147,7 @@ def test_update_direction_is_the_ncc_gradient_times_the_image_gradient_as_scipy_
     state = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear")
     schedule = GreedySchedule(
         levels=(1,), iterations=(1,), window=3, sigma_update=0, sigma_field=0,
-        compositive=False, moving_gradient=moving_gradient,
+        sigma_field_full=0, compositive=False, moving_gradient=moving_gradient,
     )  # fmt: skip
     level = _Level(fixed, moving, Region((0, 0, 0), shape), 1, schedule, shape)
     update = level.step(state.clone(), schedule) - state
@@ -166,6 +166,48 @@ def test_update_direction_is_the_ncc_gradient_times_the_image_gradient_as_scipy_
     direction = ncc[0].numpy() * image_gradient
     expected = direction / np.linalg.norm(direction, axis=0).max()
     np.testing.assert_allclose(update[0].numpy(), expected, atol=1e-9)
+
+
+def test_the_field_is_smoothed_with_sigma_field_full_at_full_resolution_only():
+    """One added, unsmoothed-update step at level 1: the field ends as scipy's Gaussian
+    (sigma_field_full voxels, edges replicated) of the unsmoothed step's field; at level 2 the
+    same schedule smooths with sigma_field; None means sigma_field at level 1 too."""
+    shape = (12, 13, 11)
+    fixed = _random(shape, seed=9)
+    moving = torch.from_numpy(ndimage.gaussian_filter(_random(shape, seed=10)[0, 0].numpy(), 1))
+    moving = moving[None, None]
+    generator = torch.Generator().manual_seed(11)
+    state = torch.randn(1, 3, *shape, generator=generator, dtype=torch.float64)
+    region = Region((0, 0, 0), shape)
+
+    def one_step(factor: int, sigma_field: float, sigma_field_full: float | None):
+        schedule = GreedySchedule(
+            levels=(factor,), iterations=(1,), window=3, sigma_update=0,
+            sigma_field=sigma_field, sigma_field_full=sigma_field_full, compositive=False,
+        )  # fmt: skip
+        field_shape = [n // factor for n in shape]
+        start = torch.nn.functional.interpolate(state, size=field_shape, mode="trilinear")
+        level = _Level(fixed, moving, region, factor, schedule, field_shape)
+        return level.step(start, schedule)[0].numpy()
+
+    raw = one_step(1, 0.0, 0.0)
+    expected = np.stack(
+        [ndimage.gaussian_filter(channel, 0.5, mode="nearest", truncate=3.0) for channel in raw]
+    )
+    np.testing.assert_allclose(one_step(1, 0.0, 0.5), expected, atol=1e-9)
+    np.testing.assert_allclose(one_step(1, 0.5, None), expected, atol=1e-9)
+    np.testing.assert_allclose(one_step(1, 1.5, 0.5), expected, atol=1e-9)
+    np.testing.assert_allclose(one_step(2, 0.0, 0.5), one_step(2, 0.0, 3.0), atol=1e-12)
+    assert not np.allclose(one_step(2, 0.5, 0.0), one_step(2, 0.0, 0.0))
+    assert GreedySchedule().field_sigma(1) == 0.5 and GreedySchedule().field_sigma(2) == 0.7071
+    # A velocity and added updates fold more easily: they keep sigma_field unless told.
+    assert GreedySchedule(diffeo=True).field_sigma(1) == 0.7071
+    assert GreedySchedule(compositive=False).field_sigma(1) == 0.7071
+    assert GreedySchedule(compositive=False, sigma_field_full=0.3).field_sigma(1) == 0.3
+    # With a cost-function mask the field in the mask's hole comes from the smoothing.
+    assert GreedySchedule().field_sigma(1, masked=True) == 0.7071
+    with pytest.raises(VitregError, match="sigma_field_full -1"):
+        GreedySchedule(sigma_field_full=-1.0)
 
 
 @pytest.mark.parametrize("diffeo, compositive", [(False, False), (True, False), (False, True)])

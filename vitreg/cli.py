@@ -175,7 +175,17 @@ SigmaUpdateOption = Annotated[
 ]
 SigmaFieldOption = Annotated[
     float | None,
-    typer.Option(help="--optimizer greedy: Gaussian sigma of the field, voxels (default 0.7071)."),
+    typer.Option(
+        help="--optimizer greedy: Gaussian sigma of the field at the coarse levels, voxels "
+        "(default 0.7071)."
+    ),
+]
+SigmaFieldFullOption = Annotated[
+    float | None,
+    typer.Option(
+        help="--optimizer greedy: Gaussian sigma of the field at full resolution, voxels "
+        "(default 0.5; the --sigma-field value with --diffeo, --additive or a mask)."
+    ),
 ]
 AdditiveOption = Annotated[
     bool,
@@ -306,6 +316,7 @@ def register(
     window: WindowOption = None,
     sigma_update: SigmaUpdateOption = None,
     sigma_field: SigmaFieldOption = None,
+    sigma_field_full: SigmaFieldFullOption = None,
     additive: AdditiveOption = False,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
@@ -353,7 +364,12 @@ def register(
             similarity=similarity,
             regularizer=regularizer,
             dice_weight=dice_weight,
-            **_given(window=window, sigma_update=sigma_update, sigma_field=sigma_field),
+            **_given(
+                window=window,
+                sigma_update=sigma_update,
+                sigma_field=sigma_field,
+                sigma_field_full=sigma_field_full,
+            ),
             **({"compositive": False} if additive else {}),
         )
         pair = Pair(

@@ -17,11 +17,12 @@ coarse-to-fine pyramid, each iteration:
 3. smooths that direction with a Gaussian (``sigma_update``), scales it so that its longest
    vector is ``step`` voxels, composes it with the field (``u <- v + u o (id + v)``: the
    update moves the points first, as greedy and ANTs do; ``compositive=False`` adds it) and
-   smooths the field with a Gaussian (``sigma_field``): the regularisation, instead of a
-   penalty weight. Composing keeps det(J) positive where adding folds. greedy takes the
-   direction the same way; ``moving_gradient=False`` takes the warped image's own central
-   differences instead (the gradient for a composed update), which registered pairs of
-   different brains less well (``benchmarks/README.md``).
+   smooths the field with a Gaussian (``sigma_field``, ``sigma_field_full`` at full
+   resolution): the regularisation, instead of a penalty weight. Composing keeps det(J)
+   positive where adding folds. greedy takes the direction the same way;
+   ``moving_gradient=False`` takes the warped image's own central differences instead (the
+   gradient for a composed update), which registered pairs of different brains less well
+   (``benchmarks/README.md``).
 
 With ``diffeo`` the optimised state is a stationary velocity (updated and smoothed the same
 way) whose exponential (scaling and squaring) is the displacement, so det(J) stays positive.
@@ -55,6 +56,8 @@ from vitreg.transform import (
 Progress = Callable[[str, int, int], None]
 
 NCC_EPSILON = 1e-5  # added to variances: flat windows (background) give 0, not NaN
+FULL_RESOLUTION_SIGMA = 0.5
+"""The field's Gaussian sigma (voxels) at full resolution by default, composed updates only."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,11 @@ class GreedySchedule:
     """How the optimisation runs: ``levels`` (downsampling factors, coarse to fine; 1 is the
     frame's resolution) with ``iterations`` at each; the NCC ``window`` (odd, in voxels of each
     level); ``sigma_update`` and ``sigma_field`` (Gaussian standard deviations, voxels of each
-    level); ``step``, the longest update (voxels of each level); ``diffeo`` (a stationary
+    level); ``sigma_field_full``: the field's sigma at full resolution (level 1; None:
+    :data:`FULL_RESOLUTION_SIGMA` for composed displacement updates, ``sigma_field`` for a
+    velocity or added updates, which fold more easily when smoothed less, and with a
+    cost-function mask, where the field inside the mask's hole follows from the smoothing);
+    ``step``, the longest update (voxels of each level); ``diffeo`` (a stationary
     velocity, integrated in ``integration_steps``); ``coarse_field``: at level 1 the field
     lives on a grid of half the resolution while the images are compared at full resolution;
     ``compositive``: compose each update with the field (else add it; a velocity is always
@@ -74,11 +81,12 @@ class GreedySchedule:
     the two deformed sets (Colin27 and MNI152 under known smooth deformations) and four pairs
     of different brains that the benchmark does not report (Colin27 and ROBEX both ways, ICBM
     2009c and FSL MNI152 both ways). Among sigma_update 1.732 / 2 / 2.5,
-    sigma_field 0.5 / 0.7071, 10 or 20 iterations at full resolution, step 1 / 1.5, added
-    or composed updates, window 5 / 7 / 9 (and per level), the warped or the moving image's
-    gradient, these lost least to greedy on the pairs of different brains while beating it
-    on both deformed sets, with no folding (35-42 s per 1 mm brain on 2 CPU cores, affine
-    step included).
+    sigma_field 0.5 / 0.7071 / 1, a field sigma at full resolution of 0.4 / 0.5 / 0.6 /
+    0.7071, 10, 20 or 40 iterations at full resolution, step 1 / 1.5, added or composed
+    updates, window 5 / 7 / 9 (and per level), the warped or the moving image's gradient,
+    these lost least to greedy on the pairs of different brains (they lead it on both of
+    their sets) while beating it on both deformed sets, folding under 0.001 % of the brain
+    (33-42 s per 1 mm brain on 2 CPU cores in the benchmark's runs, affine step included).
     """
 
     levels: tuple[int, ...] = (4, 2, 1)
@@ -86,6 +94,7 @@ class GreedySchedule:
     window: int = 5
     sigma_update: float = 2.0
     sigma_field: float = 0.7071
+    sigma_field_full: float | None = None
     step: float = 1.0
     diffeo: bool = False
     integration_steps: int = 6
@@ -105,11 +114,22 @@ class GreedySchedule:
             )
         if self.window < 3 or self.window % 2 == 0:
             raise VitregError(f"window: expected an odd number of voxels >= 3, got {self.window}")
-        if self.sigma_update < 0 or self.sigma_field < 0 or self.step <= 0:
+        sigmas = (self.sigma_update, self.sigma_field, self.sigma_field_full or 0.0)
+        if min(sigmas) < 0 or self.step <= 0:
             raise VitregError(
-                f"sigma_update {self.sigma_update} and sigma_field {self.sigma_field} must be "
-                f">= 0 and step {self.step} > 0"
+                f"sigma_update {self.sigma_update}, sigma_field {self.sigma_field} and "
+                f"sigma_field_full {self.sigma_field_full} must be >= 0 and step {self.step} > 0"
             )
+
+    def field_sigma(self, factor: int, masked: bool = False) -> float:
+        """The field's Gaussian sigma (voxels of the level) at the level ``factor``, with or
+        without cost-function masks (``masked``)."""
+        if factor != 1:
+            return self.sigma_field
+        if self.sigma_field_full is not None:
+            return self.sigma_field_full
+        composed_displacement = self.compositive and not self.diffeo
+        return FULL_RESOLUTION_SIGMA if composed_displacement and not masked else self.sigma_field
 
     @property
     def total_iterations(self) -> int:
@@ -475,6 +495,7 @@ class _Level:
         self.field_voxel = box.shape[2] / field_shape[0]  # image voxels per field voxel
         composed = schedule.compositive and not schedule.diffeo  # a velocity is added to
         self.composer = FieldComposer(field_shape, device, dtype) if composed else None
+        self.sigma_field = schedule.field_sigma(factor, masked=masks.any)
 
     def step(self, state: torch.Tensor, schedule: GreedySchedule) -> torch.Tensor:
         """One iteration on ``state`` (1, 3, d, h, w), updated in place and returned."""
@@ -505,7 +526,7 @@ class _Level:
                 self.composer.compose_(state, smoothed.mul_(scale))
             else:
                 state.add_(smoothed, alpha=scale)
-        smoothed_state = gaussian_smooth_(state, self._spare(state), schedule.sigma_field)
+        smoothed_state = gaussian_smooth_(state, self._spare(state), self.sigma_field)
         if smoothed_state is not state:
             state.copy_(smoothed_state)
         return state

@@ -56,7 +56,9 @@ AFTER_NETWORK = ((2, 1), (20, 5))
 ADAM_LEVELS = (4, 2)
 ADAM_STEPS = 100
 ADAM_OPTIONS = ("smoothness", "similarity", "regularizer", "learning_rate", "dice_weight")
-GREEDY_OPTIONS = ("window", "sigma_update", "sigma_field", "coarse_field", "compositive")
+GREEDY_OPTIONS = (
+    "window", "sigma_update", "sigma_field", "sigma_field_full", "coarse_field", "compositive"
+)  # fmt: skip
 INVERSE_ITERATIONS = 30
 INVERSE_SHRINK = 2
 INVERSE_TOLERANCE_VOX = 0.01  # stop the fixed-point iteration once no voxel moves more
@@ -174,7 +176,9 @@ class RegisterSettings:
 
     - ``optimizer``: 'greedy' (the default: :func:`vitreg.optimize.greedy_optimize`, local
       NCC over ``window``^3 voxels, Gaussian smoothing of the update and of the field with
-      ``sigma_update`` and ``sigma_field`` voxels, ``coarse_field`` at full resolution,
+      ``sigma_update`` and ``sigma_field`` voxels (``sigma_field_full`` at full resolution;
+      None: 0.5 for composed updates without masks, else ``sigma_field``), ``coarse_field``
+      at full resolution,
       updates composed with the field or, without ``compositive``, added to it) or
       'adam' (:func:`vitreg.optimize.optimize_flow`: ``similarity`` + ``smoothness`` x
       ``regularizer``, ``learning_rate``, Dice guidance with ``dice_weight``).
@@ -205,12 +209,16 @@ class RegisterSettings:
     window: int = GREEDY.window
     sigma_update: float = GREEDY.sigma_update
     sigma_field: float = GREEDY.sigma_field
+    sigma_field_full: float | None = GREEDY.sigma_field_full
     coarse_field: bool = GREEDY.coarse_field
     compositive: bool = GREEDY.compositive
     check_flip: bool = False
 
     def __post_init__(self) -> None:
-        for option in ("optimize", "smoothness", "dice_weight"):
+        for option in (
+            "optimize", "smoothness", "dice_weight", "sigma_update", "sigma_field",
+            "sigma_field_full",
+        ):  # fmt: skip
             if (getattr(self, option) or 0) < 0:
                 raise OptionError(option, getattr(self, option), "must be >= 0")
         for option in ("learning_rate", "integration_steps"):
@@ -279,6 +287,7 @@ class RegisterSettings:
             window=self.window,
             sigma_update=self.sigma_update,
             sigma_field=self.sigma_field,
+            sigma_field_full=self.sigma_field_full,
             diffeo=self.diffeo,
             integration_steps=self.integration_steps,
             coarse_field=self.coarse_field,
@@ -582,6 +591,7 @@ def register(
     window: int = GREEDY.window,
     sigma_update: float = GREEDY.sigma_update,
     sigma_field: float = GREEDY.sigma_field,
+    sigma_field_full: float | None = GREEDY.sigma_field_full,
     coarse_field: bool = GREEDY.coarse_field,
     fixed_mask: Volume | None = None,
     moving_mask: Volume | None = None,
@@ -597,10 +607,10 @@ def register(
     local-NCC optimiser with its default schedule (a short one after a network); ``optimize=0``
     turns it off. :class:`RegisterSettings` explains ``optimizer``, ``levels``,
     ``iterations``, ``optimize`` and each optimiser's options (``window``, ``sigma_update``,
-    ``sigma_field``, ``coarse_field``; ``similarity``, ``regularizer``, ``smoothness``,
-    ``learning_rate``, and ``labels`` (fixed, moving) with ``dice_weight`` > 0 for Dice
-    guidance). ``fixed_mask`` and ``moving_mask``: cost-function masks, binary images on the
-    fixed and the moving image's grid (nonzero inside): voxels outside them do not drive the
+    ``sigma_field``, ``sigma_field_full``, ``coarse_field``; ``similarity``, ``regularizer``,
+    ``smoothness``, ``learning_rate``, and ``labels`` (fixed, moving) with ``dice_weight`` > 0
+    for Dice guidance). ``fixed_mask`` and ``moving_mask``: cost-function masks, binary images
+    on the fixed and the moving image's grid (nonzero inside): voxels outside them do not drive the
     similarity, in the affine step or in the greedy optimisation, and the field there follows
     from the smoothing (lesions, resection cavities, electrodes). ``diffeo``: the network
     output and the optimised field are stationary velocities, integrated by scaling and
@@ -632,6 +642,7 @@ def register(
         window=window,
         sigma_update=sigma_update,
         sigma_field=sigma_field,
+        sigma_field_full=sigma_field_full,
         coarse_field=coarse_field,
         check_flip=check_flip,
     )

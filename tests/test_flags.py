@@ -93,6 +93,7 @@ def test_fixed_uncovered_is_the_share_of_the_head_that_lands_off_the_moving_head
         ({"head_ncc_after": 0.35, "head_ncc_before": 0.45}, "check", "NCC fell"),
         ({"percent_nonpositive": 2.0}, "fail", "folds"),
         ({"jacobian_p99": 6.0}, "check", "percentiles"),
+        ({"jacobian_p1": 0.05}, "check", "percentiles 0.05-1.40 beyond 0.1-3.0"),
         ({"affine_flip": True}, "fail", "flips"),
         ({"affine_scales": (1.7, 1.0, 1.0)}, "check", "scales 1.70"),
         ({"affine_shear": 0.5}, "check", "shear 0.50"),

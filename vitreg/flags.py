@@ -95,8 +95,8 @@ class Thresholds:
     ncc_drop: float = 0.02
     folding_check: float = 0.05
     folding_fail: float = 1.0
-    jacobian_p1_min: float = 0.25
-    jacobian_p99_max: float = 2.5
+    jacobian_p1_min: float = 0.1
+    jacobian_p99_max: float = 3.0
     scale_range: tuple[float, float] = (0.6, 1.6)
     shear_max: float = 0.3
     outside_check: float = 0.2

@@ -128,8 +128,13 @@ class GreedySchedule:
             return self.sigma_field
         if self.sigma_field_full is not None:
             return self.sigma_field_full
-        composed_displacement = self.compositive and not self.diffeo
-        return FULL_RESOLUTION_SIGMA if composed_displacement and not masked else self.sigma_field
+        return FULL_RESOLUTION_SIGMA if self.composes and not masked else self.sigma_field
+
+    @property
+    def composes(self) -> bool:
+        """Whether each update is composed with a displacement (``compositive`` without
+        ``diffeo``: a velocity is always added to)."""
+        return self.compositive and not self.diffeo
 
     @property
     def total_iterations(self) -> int:
@@ -493,8 +498,7 @@ class _Level:
         self.direction = torch.empty(1, 3, *field_shape, device=device, dtype=dtype)
         self.scratch = torch.empty(1, 3, *field_shape, device=device, dtype=dtype)
         self.field_voxel = box.shape[2] / field_shape[0]  # image voxels per field voxel
-        composed = schedule.compositive and not schedule.diffeo  # a velocity is added to
-        self.composer = FieldComposer(field_shape, device, dtype) if composed else None
+        self.composer = FieldComposer(field_shape, device, dtype) if schedule.composes else None
         self.sigma_field = schedule.field_sigma(factor, masked=masks.any)
 
     def step(self, state: torch.Tensor, schedule: GreedySchedule) -> torch.Tensor:
